@@ -1,0 +1,215 @@
+//! Per-sink batching: decide when to seal, encode, upload, and only then
+//! let the spool forget the records.
+//!
+//! One [`Batcher`] task runs per sink and uploads one batch at a time, in
+//! order. While the sink is down the open batch stays sealed and retried
+//! and new records wait unsealed in the spool, so `drop_oldest` can still
+//! make room among them.
+
+mod encode;
+mod key;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use object_store::ObjectStore;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{BatchConfig, Compression, SinkConfig};
+use crate::event::{Event, now_ms};
+use crate::sinks::{self, SinkError, Written};
+use crate::spool::{BatchMeta, SinkId, Spool, SpoolError};
+pub use encode::{encode_ndjson, rfc3339_ms};
+pub use key::KeyTemplate;
+
+pub struct Batcher {
+    sink: SinkId,
+    name: String,
+    agent: String,
+    spool: Spool,
+    store: Arc<dyn ObjectStore>,
+    key: KeyTemplate,
+    batch: BatchConfig,
+    compression: Compression,
+    retry_max: Duration,
+}
+
+/// How long to sleep before upload attempt `n` (0-based) after a failure.
+fn backoff(attempt: u32, max: Duration) -> Duration {
+    let base = Duration::from_millis(100).saturating_mul(1u32 << attempt.min(16));
+    base.min(max)
+}
+
+impl Batcher {
+    pub fn new(
+        sink: SinkId,
+        name: &str,
+        agent: &str,
+        spool: Spool,
+        store: Arc<dyn ObjectStore>,
+        config: &SinkConfig,
+    ) -> Result<Batcher, String> {
+        Ok(Batcher {
+            sink,
+            name: name.to_string(),
+            agent: agent.to_string(),
+            spool,
+            store,
+            key: KeyTemplate::parse(&config.key)?,
+            batch: config.batch.clone(),
+            compression: config.compression,
+            retry_max: config.retry_max,
+        })
+    }
+
+    /// Runs until `drain` is cancelled and everything spooled for this sink
+    /// is uploaded, or until `stop` is cancelled (leaving the rest spooled).
+    pub async fn run(self, drain: CancellationToken, stop: CancellationToken) {
+        if let Err(e) = self.run_inner(&drain, &stop).await {
+            tracing::error!(sink = %self.name, error = %e, "batcher stopped; records stay in the spool for the next start");
+        }
+    }
+
+    async fn run_inner(&self, drain: &CancellationToken, stop: &CancellationToken) -> Result<(), SpoolError> {
+        for meta in self.spool.take_pending(self.sink) {
+            let events = self.spool.load_batch(self.sink, &meta)?;
+            tracing::info!(sink = %self.name, key = %meta.key, records = meta.records, "resuming upload of batch sealed before restart");
+            if !self.upload(meta, &events, stop).await? {
+                return Ok(());
+            }
+        }
+        loop {
+            if stop.is_cancelled() {
+                return Ok(());
+            }
+            let draining = drain.is_cancelled();
+            let stats = self.spool.stats(self.sink);
+            let age = stats
+                .oldest_unsealed_ms
+                .map(|ts| Duration::from_millis(now_ms().saturating_sub(ts).max(0) as u64));
+            let due = stats.unsealed_records >= self.batch.max_records as u64
+                || stats.unsealed_bytes >= self.batch.max_bytes.as_u64()
+                || age.is_some_and(|a| a >= self.batch.max_age)
+                || (draining && stats.unsealed_records > 0);
+            if due {
+                if let Some((meta, events)) = self.seal().await? {
+                    if !self.upload(meta, &events, stop).await? {
+                        return Ok(());
+                    }
+                }
+                continue;
+            }
+            if draining {
+                return Ok(());
+            }
+            let wait = match age {
+                Some(a) => self.batch.max_age.saturating_sub(a),
+                None => self.batch.max_age,
+            };
+            tokio::select! {
+                _ = self.spool.records_added(self.sink, wait.max(Duration::from_millis(5))) => {}
+                _ = drain.cancelled() => {}
+                _ = stop.cancelled() => {}
+            }
+        }
+    }
+
+    async fn seal(&self) -> Result<Option<(BatchMeta, Vec<Event>)>, SpoolError> {
+        let (template, agent, sink) = (self.key.clone(), self.agent.clone(), self.name.clone());
+        self.spool
+            .seal(
+                self.sink,
+                self.batch.max_records as u64,
+                self.batch.max_bytes.as_u64(),
+                move |first, seq| template.render(&agent, &sink, first.ts_ms, seq),
+            )
+            .await
+    }
+
+    /// Uploads until the store confirms, then completes the batch in the
+    /// spool. Returns `false` if `stop` ended the attempt first.
+    async fn upload(&self, meta: BatchMeta, events: &[Event], stop: &CancellationToken) -> Result<bool, SpoolError> {
+        let body = {
+            let (events, agent, compression) = (events.to_vec(), self.agent.clone(), self.compression);
+            tokio::task::spawn_blocking(move || encode_ndjson(&events, &agent, compression))
+                .await
+                .expect("encoding does not panic")
+        };
+        let (content_type, encoding) = encode::content_headers(self.compression);
+        let body = bytes::Bytes::from(body);
+        let mut key = meta.key.clone();
+        let (mut attempt, mut conflicts) = (0, 0);
+        loop {
+            let put = sinks::put_new(self.store.as_ref(), &key, body.clone(), content_type, encoding);
+            let result = tokio::select! {
+                r = put => r,
+                _ = stop.cancelled() => return Ok(false),
+            };
+            match result {
+                Ok(written) => {
+                    if attempt > 0 {
+                        tracing::info!(sink = %self.name, attempts = attempt + 1, "sink reachable again");
+                    }
+                    tracing::info!(
+                        sink = %self.name, key = %key, records = meta.records, bytes = body.len(),
+                        already_there = written == Written::AlreadyThere, "uploaded object"
+                    );
+                    break;
+                }
+                Err(SinkError::Conflict { .. }) => {
+                    conflicts += 1;
+                    let moved = conflict_key(&meta.key, meta.sealed_ms, conflicts);
+                    tracing::error!(
+                        sink = %self.name, key = %key, new_key = %moved,
+                        "an object with other content already exists under this key (spool reset or two agents sharing an id?); writing the batch under a new key"
+                    );
+                    key = moved;
+                }
+                Err(e) => {
+                    let delay = backoff(attempt, self.retry_max);
+                    let held = self.spool.stats(self.sink);
+                    tracing::warn!(
+                        sink = %self.name, key = %key, error = %e, retryable = e.is_retryable(),
+                        retry_in = ?delay, held_records = held.unsealed_records + meta.records,
+                        "sink unreachable; data is held in the spool"
+                    );
+                    attempt += 1;
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stop.cancelled() => return Ok(false),
+                    }
+                }
+            }
+        }
+        self.spool.complete(self.sink, meta).await?;
+        Ok(true)
+    }
+}
+
+/// Where a batch goes when its key is taken by other bytes: the same key
+/// with the seal time (and a counter) before the extension, so it sorts
+/// beside the original and a restart picks the same new key.
+fn conflict_key(key: &str, sealed_ms: i64, n: u32) -> String {
+    let name_start = key.rfind('/').map_or(0, |i| i + 1);
+    let dot = key[name_start..].find('.').map_or(key.len(), |i| name_start + i);
+    format!("{}-r{sealed_ms}-{n}{}", &key[..dot], &key[dot..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let max = Duration::from_secs(5);
+        assert_eq!(backoff(0, max), Duration::from_millis(100));
+        assert_eq!(backoff(3, max), Duration::from_millis(800));
+        assert_eq!(backoff(30, max), max);
+    }
+
+    #[test]
+    fn conflict_key_keeps_directory_and_extension() {
+        assert_eq!(conflict_key("a.b/c/x-01.ndjson.gz", 7, 1), "a.b/c/x-01-r7-1.ndjson.gz");
+        assert_eq!(conflict_key("plain", 7, 2), "plain-r7-2");
+    }
+}

@@ -1,0 +1,297 @@
+//! The agent's configuration: serde structs, their defaults, and loading.
+//!
+//! Every struct denies unknown keys so that a typo fails loudly at start-up
+//! instead of silently falling back to a default on a device in the field.
+
+mod load;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::Deserialize;
+
+pub use load::{ConfigError, load, load_str};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub agent: AgentConfig,
+    #[serde(default)]
+    pub spool: SpoolConfig,
+    #[serde(default)]
+    pub sources: BTreeMap<String, SourceConfig>,
+    #[serde(default)]
+    pub transforms: BTreeMap<String, TransformConfig>,
+    #[serde(default)]
+    pub sinks: BTreeMap<String, SinkConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    #[serde(default = "default_agent_id")]
+    pub id: String,
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Where batches a plugin failed on are written; `<data_dir>/dead-letter` when unset.
+    #[serde(default)]
+    pub dead_letter: Option<PathBuf>,
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            id: default_agent_id(),
+            data_dir: default_data_dir(),
+            dead_letter: None,
+            shutdown_timeout: default_shutdown_timeout(),
+        }
+    }
+}
+
+impl AgentConfig {
+    pub fn dead_letter_dir(&self) -> PathBuf {
+        self.dead_letter
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("dead-letter"))
+    }
+}
+
+fn default_agent_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "silt".to_string())
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./data")
+}
+
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// Cap on the bytes of events held in the spool (encoded size).
+    #[serde(default = "default_spool_max_bytes")]
+    pub max_bytes: ByteSize,
+    #[serde(default)]
+    pub when_full: WhenFull,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            max_bytes: default_spool_max_bytes(),
+            when_full: WhenFull::default(),
+        }
+    }
+}
+
+fn default_spool_max_bytes() -> ByteSize {
+    ByteSize::gib(1)
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Refuse new events: HTTP answers 503, MQTT stops acknowledging.
+    #[default]
+    Block,
+    DropOldest,
+    DropNewest,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SourceConfig {
+    Mqtt(MqttSourceConfig),
+    Http(HttpSourceConfig),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSourceConfig {
+    /// `mqtt://host:port` or `mqtts://host:port`.
+    pub url: String,
+    pub topics: Vec<String>,
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Defaults to `silt-{agent}-{source}` so the broker keeps one session per source.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// PEM CA bundle for `mqtts://`; the system roots are used when unset.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "default_keep_alive", with = "humantime_serde")]
+    pub keep_alive: Duration,
+    #[serde(default = "default_mqtt_max_packet")]
+    pub max_packet_size: ByteSize,
+    /// Cap of the exponential backoff between reconnect attempts.
+    #[serde(default = "default_reconnect_max", with = "humantime_serde")]
+    pub reconnect_max: Duration,
+}
+
+fn default_qos() -> u8 {
+    1
+}
+
+fn default_keep_alive() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_mqtt_max_packet() -> ByteSize {
+    ByteSize::mib(16)
+}
+
+fn default_reconnect_max() -> Duration {
+    Duration::from_secs(30)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSourceConfig {
+    pub listen: SocketAddr,
+    /// Bearer token clients must send; empty means no authentication.
+    #[serde(default)]
+    pub auth_token: Option<String>,
+    #[serde(default = "default_max_body")]
+    pub max_body: ByteSize,
+}
+
+fn default_max_body() -> ByteSize {
+    ByteSize::mib(16)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransformConfig {
+    pub plugin: PathBuf,
+    pub inputs: Vec<String>,
+    /// Handed to the plugin's `init` as JSON.
+    #[serde(default)]
+    pub config: toml::Table,
+    #[serde(default = "default_plugin_memory")]
+    pub max_memory: ByteSize,
+    #[serde(default = "default_plugin_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    #[serde(default)]
+    pub fuel: Option<u64>,
+}
+
+fn default_plugin_memory() -> ByteSize {
+    ByteSize::mib(64)
+}
+
+fn default_plugin_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+
+/// One sink. `s3` and `file` share almost every key, so they share one
+/// struct; keys that belong to the other type are rejected by validation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    #[serde(rename = "type")]
+    pub kind: SinkKind,
+    pub inputs: Vec<String>,
+    #[serde(default = "default_key")]
+    pub key: String,
+    #[serde(default)]
+    pub compression: Compression,
+    #[serde(default)]
+    pub batch: BatchConfig,
+    /// Cap of the exponential backoff between upload retries.
+    #[serde(default = "default_retry_max", with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// `file`: the directory objects are written under.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// `s3`: the bucket, which must exist.
+    #[serde(default)]
+    pub bucket: Option<String>,
+    /// `s3`: custom endpoint (MinIO, s3s, Garage...); requests are path-style with it.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// `s3`: falls back to `AWS_REGION`, then `us-east-1`.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// `s3`: falls back to `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`.
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    #[serde(default)]
+    pub secret_access_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkKind {
+    S3,
+    File,
+}
+
+fn default_key() -> String {
+    "{sink}/year={yyyy}/month={MM}/day={dd}/hour={HH}/{agent}-{batch}.ndjson".to_string()
+}
+
+fn default_retry_max() -> Duration {
+    Duration::from_secs(30)
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    #[default]
+    Gzip,
+    Zstd,
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    #[serde(default = "default_max_records")]
+    pub max_records: usize,
+    #[serde(default = "default_batch_bytes")]
+    pub max_bytes: ByteSize,
+    #[serde(default = "default_max_age", with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_records: default_max_records(),
+            max_bytes: default_batch_bytes(),
+            max_age: default_max_age(),
+        }
+    }
+}
+
+fn default_max_records() -> usize {
+    10_000
+}
+
+fn default_batch_bytes() -> ByteSize {
+    ByteSize::mib(8)
+}
+
+fn default_max_age() -> Duration {
+    Duration::from_secs(30)
+}

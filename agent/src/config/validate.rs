@@ -1,0 +1,261 @@
+//! Checks that go beyond types: names, the source -> transform -> sink graph,
+//! key templates, and keys that belong to one sink type only.
+
+use std::collections::{BTreeSet, HashSet};
+
+use super::load::{ConfigError, Origins};
+use super::{Config, SinkConfig, SinkKind, SourceConfig};
+use crate::batch::KeyTemplate;
+
+pub(super) fn validate(config: &Config, origins: &Origins) -> Result<(), ConfigError> {
+    let fail = |key: String, message: String| Err(ConfigError::invalid(origins.locate(&key), message));
+
+    if !valid_name(&config.agent.id) {
+        return fail(
+            "agent.id".into(),
+            format!(
+                "`{}` is not a valid agent id: use letters, digits, `.`, `_` and `-`",
+                config.agent.id
+            ),
+        );
+    }
+    if config.sources.is_empty() {
+        return fail("sources".into(), "no sources configured: add a [sources.NAME] table".into());
+    }
+    if config.sinks.is_empty() {
+        return fail("sinks".into(), "no sinks configured: add a [sinks.NAME] table".into());
+    }
+
+    let mut names = HashSet::new();
+    let components = config
+        .sources
+        .keys()
+        .map(|n| ("sources", n))
+        .chain(config.transforms.keys().map(|n| ("transforms", n)))
+        .chain(config.sinks.keys().map(|n| ("sinks", n)));
+    for (section, name) in components {
+        if !valid_name(name) {
+            return fail(
+                format!("{section}.{name}"),
+                format!("`{name}` is not a valid name: use letters, digits, `.`, `_` and `-`"),
+            );
+        }
+        if !names.insert(name.as_str()) {
+            return fail(
+                format!("{section}.{name}"),
+                format!("the name `{name}` is used twice; sources, transforms and sinks share one namespace"),
+            );
+        }
+    }
+
+    for (name, source) in &config.sources {
+        if let Err(message) = validate_source(source) {
+            return fail(format!("sources.{name}"), message);
+        }
+    }
+
+    let is_node = |n: &str| config.sources.contains_key(n) || config.transforms.contains_key(n);
+    for (name, transform) in &config.transforms {
+        for input in &transform.inputs {
+            if !is_node(input) {
+                return fail(
+                    format!("transforms.{name}.inputs"),
+                    format!("input `{input}` is not a source or transform"),
+                );
+            }
+        }
+        if transform.inputs.is_empty() {
+            return fail(format!("transforms.{name}.inputs"), "a transform needs at least one input".into());
+        }
+    }
+    if let Some(name) = find_cycle(config) {
+        return fail(
+            format!("transforms.{name}.inputs"),
+            format!("transform `{name}` feeds back into itself; transforms must form a chain without loops"),
+        );
+    }
+
+    for (name, sink) in &config.sinks {
+        if sink.inputs.is_empty() {
+            return fail(format!("sinks.{name}.inputs"), "a sink needs at least one input".into());
+        }
+        for input in &sink.inputs {
+            if !is_node(input) {
+                return fail(
+                    format!("sinks.{name}.inputs"),
+                    format!("input `{input}` is not a source or transform"),
+                );
+            }
+        }
+        if let Err(message) = KeyTemplate::parse(&sink.key) {
+            return fail(format!("sinks.{name}.key"), message);
+        }
+        if let Err((key, message)) = validate_sink_kind(sink) {
+            return fail(format!("sinks.{name}.{key}"), message);
+        }
+        if sink.batch.max_records == 0 || sink.batch.max_bytes.as_u64() == 0 {
+            return fail(format!("sinks.{name}.batch"), "max_records and max_bytes must be above zero".into());
+        }
+    }
+
+    for name in config.sources.keys() {
+        if config.sinks_reached_from(name).is_empty() {
+            return fail(
+                format!("sources.{name}"),
+                format!("source `{name}` feeds no sink: list it (or a transform reading it) in a sink's inputs"),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn validate_source(source: &SourceConfig) -> Result<(), String> {
+    match source {
+        SourceConfig::Mqtt(mqtt) => {
+            crate::sources::mqtt::parse_broker_url(&mqtt.url)?;
+            if mqtt.topics.is_empty() {
+                return Err("`topics` is empty: give at least one topic filter".into());
+            }
+            if mqtt.qos > 1 {
+                return Err(format!("qos {} is not supported: use 0 or 1", mqtt.qos));
+            }
+            if mqtt.username.is_none() && mqtt.password.is_some() {
+                return Err("`password` is set without `username`".into());
+            }
+            Ok(())
+        }
+        SourceConfig::Http(_) => Ok(()),
+    }
+}
+
+fn validate_sink_kind(sink: &SinkConfig) -> Result<(), (&'static str, String)> {
+    let s3_keys = [
+        ("bucket", sink.bucket.is_some()),
+        ("endpoint", sink.endpoint.is_some()),
+        ("region", sink.region.is_some()),
+        ("access_key_id", sink.access_key_id.is_some()),
+        ("secret_access_key", sink.secret_access_key.is_some()),
+    ];
+    match sink.kind {
+        SinkKind::S3 => {
+            if sink.path.is_some() {
+                return Err(("path", "`path` belongs to `file` sinks; an s3 sink takes `bucket`".into()));
+            }
+            if sink.bucket.as_deref().is_none_or(str::is_empty) {
+                return Err(("bucket", "an s3 sink needs `bucket`".into()));
+            }
+            if sink.access_key_id.is_some() != sink.secret_access_key.is_some() {
+                return Err((
+                    "access_key_id",
+                    "set both `access_key_id` and `secret_access_key`, or neither".into(),
+                ));
+            }
+            Ok(())
+        }
+        SinkKind::File => {
+            if let Some((key, _)) = s3_keys.iter().find(|(_, set)| *set) {
+                return Err((key, format!("`{key}` belongs to `s3` sinks; a file sink takes `path`")));
+            }
+            if sink.path.is_none() {
+                return Err(("path", "a file sink needs `path`".into()));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Returns a transform that is part of a cycle, if any.
+fn find_cycle(config: &Config) -> Option<&str> {
+    fn visit<'a>(
+        config: &'a Config,
+        name: &'a str,
+        stack: &mut Vec<&'a str>,
+        done: &mut HashSet<&'a str>,
+    ) -> Option<&'a str> {
+        if stack.contains(&name) {
+            return Some(name);
+        }
+        if done.contains(name) {
+            return None;
+        }
+        stack.push(name);
+        if let Some(t) = config.transforms.get(name) {
+            for input in &t.inputs {
+                if let Some(hit) = visit(config, input, stack, done) {
+                    return Some(hit);
+                }
+            }
+        }
+        stack.pop();
+        done.insert(name);
+        None
+    }
+    let mut done = HashSet::new();
+    config
+        .transforms
+        .keys()
+        .find_map(|name| visit(config, name, &mut Vec::new(), &mut done))
+}
+
+impl Config {
+    /// Sinks that events entering at `node` end up in, through any transforms.
+    pub fn sinks_reached_from(&self, node: &str) -> BTreeSet<&str> {
+        let mut out = BTreeSet::new();
+        let mut todo = vec![node];
+        let mut seen = HashSet::new();
+        while let Some(n) = todo.pop() {
+            if !seen.insert(n) {
+                continue;
+            }
+            for (sink, cfg) in &self.sinks {
+                if cfg.inputs.iter().any(|i| i == n) {
+                    out.insert(sink.as_str());
+                }
+            }
+            for (t, cfg) in &self.transforms {
+                if cfg.inputs.iter().any(|i| i == n) {
+                    todo.push(t.as_str());
+                }
+            }
+        }
+        out
+    }
+
+    /// The pipeline as text, one edge per line, for `silt check`.
+    pub fn graph(&self) -> String {
+        let mut out = String::new();
+        for (name, source) in &self.sources {
+            let kind = match source {
+                SourceConfig::Mqtt(m) => format!("mqtt {} {:?} qos {}", m.url, m.topics, m.qos),
+                SourceConfig::Http(h) => format!("http {}", h.listen),
+            };
+            out.push_str(&format!("source    {name} ({kind})\n"));
+        }
+        for (name, t) in &self.transforms {
+            out.push_str(&format!(
+                "transform {name} ({}) <- {}\n",
+                t.plugin.display(),
+                t.inputs.join(", ")
+            ));
+        }
+        for (name, sink) in &self.sinks {
+            let target = match sink.kind {
+                SinkKind::S3 => format!("s3://{}", sink.bucket.as_deref().unwrap_or("")),
+                SinkKind::File => format!("file {}", sink.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default()),
+            };
+            out.push_str(&format!(
+                "sink      {name} ({target}, key {}) <- {}\n",
+                sink.key,
+                sink.inputs.join(", ")
+            ));
+        }
+        out
+    }
+}

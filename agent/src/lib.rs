@@ -1,0 +1,93 @@
+//! silt: an edge agent that collects MQTT and HTTP readings and media, keeps
+//! them in a durable local spool, and uploads batched objects to S3 or a
+//! local directory.
+//!
+//! Data path, mirrored by the modules: [`sources`] -> [`transform`] ->
+//! [`spool`] -> [`batch`] -> [`sinks`].
+
+pub mod batch;
+pub mod config;
+pub mod event;
+pub mod sinks;
+pub mod sources;
+pub mod spool;
+pub mod transform;
+
+use std::collections::BTreeMap;
+
+use anyhow::Context;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::Batcher;
+use crate::config::{Config, SourceConfig};
+use crate::sources::{http::HttpSource, mqtt::MqttSource};
+use crate::spool::Spool;
+use crate::transform::Ingest;
+
+/// Runs the pipeline until `shutdown` is cancelled, then stops the sources,
+/// uploads what it can within `agent.shutdown_timeout`, and flushes the spool.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let data_dir = &config.agent.data_dir;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create data_dir {}", data_dir.display()))?;
+    let sink_names: Vec<String> = config.sinks.keys().cloned().collect();
+    let spool = Spool::open(data_dir, &sink_names, &config.spool)?;
+
+    let drain = CancellationToken::new();
+    let stop = CancellationToken::new();
+    let mut batchers = JoinSet::new();
+    for (name, sink) in &config.sinks {
+        let store = sinks::build(name, sink)?;
+        let id = spool.sink_id(name).expect("spool opened with every sink");
+        let batcher = Batcher::new(id, name, &config.agent.id, spool.clone(), store, sink)
+            .map_err(|e| anyhow::anyhow!("sink {name}: {e}"))?;
+        batchers.spawn(batcher.run(drain.clone(), stop.clone()));
+    }
+
+    let ingest = Ingest::new(&config, spool.clone());
+    let sources_stop = CancellationToken::new();
+    let mut sources = JoinSet::new();
+    let mut http = BTreeMap::new();
+    for (name, source) in &config.sources {
+        if let SourceConfig::Http(cfg) = source {
+            http.insert(name.clone(), HttpSource::bind(name, cfg, ingest.clone()).await?);
+        }
+    }
+    for (_, source) in http {
+        sources.spawn(source.run(sources_stop.clone()));
+    }
+    for (name, source) in &config.sources {
+        if let SourceConfig::Mqtt(cfg) = source {
+            let mqtt = MqttSource::new(name, cfg.clone(), &config.agent.id, ingest.clone());
+            let token = sources_stop.clone();
+            let name = name.clone();
+            sources.spawn(async move {
+                if let Err(e) = mqtt.run(token).await {
+                    tracing::error!(source = %name, error = %e, "mqtt source stopped");
+                }
+            });
+        }
+    }
+    tracing::info!(agent = %config.agent.id, sources = config.sources.len(), sinks = config.sinks.len(), "silt running");
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: stopping sources");
+    sources_stop.cancel();
+    while sources.join_next().await.is_some() {}
+
+    tracing::info!(timeout = ?config.agent.shutdown_timeout, "sealing and uploading what is spooled");
+    drain.cancel();
+    let drained = tokio::time::timeout(config.agent.shutdown_timeout, async {
+        while batchers.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("shutdown_timeout reached; what is not uploaded stays in the spool for the next start");
+        stop.cancel();
+        while batchers.join_next().await.is_some() {}
+    }
+    spool.flush().await?;
+    tracing::info!("silt stopped");
+    Ok(())
+}

@@ -1,0 +1,15 @@
+//! The `file` sink: objects as files under a local directory.
+
+use std::sync::Arc;
+
+use object_store::ObjectStore;
+use object_store::local::LocalFileSystem;
+
+use crate::config::SinkConfig;
+
+pub(super) fn build(config: &SinkConfig) -> Result<Arc<dyn ObjectStore>, String> {
+    let path = config.path.as_deref().unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    let store = LocalFileSystem::new_with_prefix(path).map_err(|e| e.to_string())?;
+    Ok(Arc::new(store))
+}

@@ -1,0 +1,46 @@
+//! The `s3` sink: AWS S3 or any S3-compatible store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use object_store::aws::AmazonS3Builder;
+use object_store::{BackoffConfig, ClientOptions, ObjectStore, RetryConfig};
+
+use crate::config::SinkConfig;
+
+pub(super) fn build(config: &SinkConfig) -> Result<Arc<dyn ObjectStore>, String> {
+    let bucket = config.bucket.as_deref().unwrap_or_default();
+    // Credentials and region from the environment (AWS_*) first, so keys in
+    // the config override them.
+    let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+    if config.region.is_some() || std::env::var_os("AWS_REGION").is_none() {
+        builder = builder.with_region(config.region.as_deref().unwrap_or("us-east-1"));
+    }
+    if let Some(endpoint) = &config.endpoint {
+        builder = builder
+            .with_endpoint(endpoint)
+            .with_virtual_hosted_style_request(false)
+            .with_allow_http(endpoint.starts_with("http://"));
+    }
+    if let (Some(id), Some(secret)) = (&config.access_key_id, &config.secret_access_key) {
+        builder = builder
+            .with_access_key_id(id)
+            .with_secret_access_key(secret);
+    }
+    // silt retries forever with its own capped backoff and logs each
+    // failure; the client only smooths over single blips.
+    let retry = RetryConfig {
+        backoff: BackoffConfig::default(),
+        max_retries: 1,
+        retry_timeout: Duration::from_secs(10),
+    };
+    let client = ClientOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_timeout(Duration::from_secs(120));
+    let store = builder
+        .with_retry(retry)
+        .with_client_options(client)
+        .build()
+        .map_err(|e| e.to_string())?;
+    Ok(Arc::new(store))
+}

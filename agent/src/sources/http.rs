@@ -1,0 +1,336 @@
+//! HTTP source: `POST /v1/ingest/{stream}` answers 202 only after the
+//! events are committed to the spool.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use serde_json::value::RawValue;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::HttpSourceConfig;
+use crate::event::{Event, now_ms};
+use crate::spool::SpoolError;
+use crate::transform::Ingest;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("http source {source_name} cannot listen on {addr}: {error}; is another process using the port?")]
+    Bind {
+        source_name: String,
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
+}
+
+struct Handler {
+    name: String,
+    auth_token: Option<String>,
+    max_body: u64,
+    ingest: Ingest,
+}
+
+pub struct HttpSource {
+    listener: TcpListener,
+    handler: std::sync::Arc<Handler>,
+}
+
+type Reply = Response<Full<Bytes>>;
+
+impl HttpSource {
+    /// Binds the listener now, so a taken port fails start-up instead of
+    /// surfacing later.
+    pub async fn bind(name: &str, config: &HttpSourceConfig, ingest: Ingest) -> Result<HttpSource, HttpError> {
+        let listener = TcpListener::bind(config.listen).await.map_err(|error| HttpError::Bind {
+            source_name: name.to_string(),
+            addr: config.listen,
+            error,
+        })?;
+        let handler = Handler {
+            name: name.to_string(),
+            auth_token: config.auth_token.clone().filter(|t| !t.is_empty()),
+            max_body: config.max_body.as_u64(),
+            ingest,
+        };
+        Ok(HttpSource {
+            listener,
+            handler: std::sync::Arc::new(handler),
+        })
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// Serves until `shutdown`, then lets requests in flight finish.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let addr = self.local_addr();
+        tracing::info!(source = %self.handler.name, addr = ?addr, "http listening");
+        let graceful = GracefulShutdown::new();
+        loop {
+            let (stream, _) = tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        tracing::warn!(source = %self.handler.name, error = %e, "http accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.cancelled() => break,
+            };
+            let handler = self.handler.clone();
+            let service = service_fn(move |req| {
+                let handler = handler.clone();
+                async move { Ok::<_, Infallible>(handler.handle(req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+        }
+        drop(self.listener);
+        let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
+    }
+}
+
+fn json_reply(status: StatusCode, body: serde_json::Value) -> Reply {
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, "application/json".parse().expect("static header"));
+    resp
+}
+
+fn error_reply(status: StatusCode, message: impl Into<String>) -> Reply {
+    json_reply(status, serde_json::json!({ "error": message.into() }))
+}
+
+impl Handler {
+    async fn handle(&self, req: Request<Incoming>) -> Reply {
+        let Some(stream) = req.uri().path().strip_prefix("/v1/ingest/").map(str::to_string) else {
+            return error_reply(StatusCode::NOT_FOUND, "unknown path; POST events to /v1/ingest/{stream}");
+        };
+        if stream.is_empty() || stream.contains('/') {
+            return error_reply(StatusCode::NOT_FOUND, "the stream name must be one non-empty path segment");
+        }
+        if req.method() != Method::POST {
+            let mut resp = error_reply(StatusCode::METHOD_NOT_ALLOWED, "use POST");
+            resp.headers_mut().insert("allow", "POST".parse().expect("static header"));
+            return resp;
+        }
+        if !self.authorized(&req) {
+            let mut resp = error_reply(StatusCode::UNAUTHORIZED, "missing or wrong token: send `Authorization: Bearer <token>`");
+            resp.headers_mut()
+                .insert(WWW_AUTHENTICATE, "Bearer".parse().expect("static header"));
+            return resp;
+        }
+        let declared = req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > self.max_body) {
+            return self.too_large();
+        }
+        let content_type = req
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+            .unwrap_or_default();
+        let body = match Limited::new(req.into_body(), self.max_body as usize).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => return self.too_large(),
+            Err(e) => return error_reply(StatusCode::BAD_REQUEST, format!("reading the body failed: {e}")),
+        };
+        let events = match parse_body(&stream, &content_type, body, now_ms()) {
+            Ok(events) => events,
+            Err(message) => return error_reply(StatusCode::BAD_REQUEST, message),
+        };
+        match self.ingest.ingest(&self.name, events).await {
+            Ok(outcome) => {
+                let mut body = serde_json::json!({ "accepted": outcome.stored });
+                if outcome.dropped_new > 0 {
+                    body["dropped"] = outcome.dropped_new.into();
+                }
+                json_reply(StatusCode::ACCEPTED, body)
+            }
+            Err(e) => {
+                let status = match e {
+                    SpoolError::Full => StatusCode::SERVICE_UNAVAILABLE,
+                    _ => StatusCode::INTERNAL_SERVER_ERROR,
+                };
+                if status == StatusCode::INTERNAL_SERVER_ERROR {
+                    tracing::error!(source = %self.name, error = %e, "http events not committed");
+                }
+                let mut resp = error_reply(status, e.to_string());
+                if e.is_retryable() {
+                    resp.headers_mut().insert(RETRY_AFTER, "1".parse().expect("static header"));
+                }
+                resp
+            }
+        }
+    }
+
+    fn too_large(&self) -> Reply {
+        error_reply(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body is larger than max_body ({} bytes)", self.max_body),
+        )
+    }
+
+    fn authorized(&self, req: &Request<Incoming>) -> bool {
+        let Some(token) = &self.auth_token else {
+            return true;
+        };
+        let given = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        constant_time_eq(given.as_bytes(), token.as_bytes())
+    }
+}
+
+/// Compares without an early exit, so response time does not reveal how
+/// much of a guessed token was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn is_json(content_type: &str) -> bool {
+    content_type == "application/json" || content_type.ends_with("+json")
+}
+
+fn is_ndjson(content_type: &str) -> bool {
+    matches!(
+        content_type,
+        "application/x-ndjson" | "application/ndjson" | "application/jsonl" | "application/x-jsonlines"
+    )
+}
+
+/// One event per JSON object, or one binary event for other content types.
+/// Any bad part rejects the whole body, so a client never has to guess what
+/// was kept.
+fn parse_body(stream: &str, content_type: &str, body: Bytes, ts_ms: i64) -> Result<Vec<Event>, String> {
+    let event = |payload: Bytes| Event::new(ts_ms, stream, payload);
+    if is_ndjson(content_type) {
+        let mut events = Vec::new();
+        let mut offset = 0;
+        for (index, line) in body.split(|b| *b == b'\n').enumerate() {
+            let start = offset;
+            offset += line.len() + 1;
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let raw: &RawValue = serde_json::from_slice(line)
+                .map_err(|e| format!("line {}: invalid JSON at column {}: {e}", index + 1, e.column()))?;
+            if !raw.get().starts_with('{') {
+                return Err(format!("line {}: expected a JSON object", index + 1));
+            }
+            events.push(event(body.slice(start..start + line.len()).trim_ascii_bytes()));
+        }
+        return Ok(events);
+    }
+    if is_json(content_type) {
+        let raw: &RawValue = serde_json::from_slice(&body)
+            .map_err(|e| format!("invalid JSON at line {}, column {}: {e}", e.line(), e.column()))?;
+        let text = raw.get();
+        if text.starts_with('{') {
+            return Ok(vec![event(Bytes::copy_from_slice(text.as_bytes()))]);
+        }
+        if text.starts_with('[') {
+            let items: Vec<&RawValue> = serde_json::from_str(text).map_err(|e| format!("invalid JSON array: {e}"))?;
+            return items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| {
+                    if item.get().starts_with('{') {
+                        Ok(event(Bytes::copy_from_slice(item.get().as_bytes())))
+                    } else {
+                        Err(format!("array element {i} is not a JSON object"))
+                    }
+                })
+                .collect();
+        }
+        return Err("expected a JSON object or an array of objects".into());
+    }
+    let mut e = event(body);
+    if !content_type.is_empty() {
+        e.attributes.push(("content_type".into(), content_type.to_string()));
+    }
+    Ok(vec![e])
+}
+
+trait TrimBytes {
+    fn trim_ascii_bytes(self) -> Bytes;
+}
+
+impl TrimBytes for Bytes {
+    fn trim_ascii_bytes(self) -> Bytes {
+        let trimmed = self.trim_ascii();
+        let start = trimmed.as_ptr() as usize - self.as_ptr() as usize;
+        self.slice(start..start + trimmed.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(ct: &str, body: &str) -> Result<Vec<String>, String> {
+        parse_body("s", ct, Bytes::from(body.to_string()), 0)
+            .map(|evs| evs.iter().map(|e| String::from_utf8(e.payload.to_vec()).unwrap()).collect())
+    }
+
+    #[test]
+    fn json_object_array_and_ndjson() {
+        assert_eq!(parse("application/json", r#" {"a":1} "#).unwrap(), [r#"{"a":1}"#]);
+        assert_eq!(parse("application/json", r#"[{"a":1}, {"b":2}]"#).unwrap(), [r#"{"a":1}"#, r#"{"b":2}"#]);
+        assert_eq!(
+            parse("application/x-ndjson", "{\"a\":1}\r\n\n  {\"b\":2}\n").unwrap(),
+            [r#"{"a":1}"#, r#"{"b":2}"#]
+        );
+    }
+
+    #[test]
+    fn bad_json_names_the_line() {
+        let err = parse("application/x-ndjson", "{\"a\":1}\n{\"b\":2}\n{\"c\":\n").unwrap_err();
+        assert!(err.starts_with("line 3:"), "{err}");
+        let err = parse("application/json", "{\n\"a\": 1,\n\"b\": nope\n}").unwrap_err();
+        assert!(err.contains("line 3"), "{err}");
+        assert!(parse("application/json", "[1]").unwrap_err().contains("element 0"));
+        assert!(parse("application/json", "42").is_err());
+    }
+
+    #[test]
+    fn other_content_is_one_binary_event() {
+        let evs = parse_body("cam", "image/jpeg", Bytes::from_static(b"\xff\xd8\xff"), 5).unwrap();
+        assert_eq!(evs.len(), 1);
+        assert_eq!(evs[0].payload.as_ref(), b"\xff\xd8\xff");
+        assert_eq!(evs[0].attribute("content_type"), Some("image/jpeg"));
+        assert_eq!(evs[0].topic, "cam");
+    }
+
+    #[test]
+    fn token_compare() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}
