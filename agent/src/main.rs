@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "silt", version, about = "Edge agent: MQTT and HTTP in, durable spool, batched objects out to S3")]
+#[command(
+    name = "silt",
+    version,
+    about = "Edge agent: MQTT and HTTP in, durable spool, batched objects out to S3"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -18,8 +22,9 @@ enum Command {
     /// Run the agent until SIGINT or SIGTERM.
     Run {
         /// A config file, or a directory of *.toml files merged in name order.
+        /// Without it, the built-in quickstart config (configs/quickstart.toml).
         #[arg(short, long)]
-        config: PathBuf,
+        config: Option<PathBuf>,
     },
     /// Validate a config and print the pipeline.
     Check {
@@ -36,6 +41,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
         Command::Run { config } => run(config),
@@ -57,8 +63,14 @@ fn check(path: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run(path: PathBuf) -> anyhow::Result<()> {
-    let config = silt::config::load(&path)?;
+/// The quickstart config, compiled in so `silt run` works with no files.
+const QUICKSTART: &str = include_str!("../../configs/quickstart.toml");
+
+fn run(path: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = match path {
+        Some(path) => silt::config::load(&path)?,
+        None => silt::config::load_str(QUICKSTART, "<built-in configs/quickstart.toml>")?,
+    };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();

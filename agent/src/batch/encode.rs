@@ -113,7 +113,11 @@ mod tests {
     #[test]
     fn json_payloads_are_embedded_and_binary_is_base64() {
         let out = encode_ndjson(
-            &[ev(br#"{"t":21.5}"#), ev(b"\x00\xffraw"), ev(b"{\n  \"pretty\": true\n}")],
+            &[
+                ev(br#"{"t":21.5}"#),
+                ev(b"\x00\xffraw"),
+                ev(b"{\n  \"pretty\": true\n}"),
+            ],
             "gw-01",
             Compression::None,
         );
@@ -127,7 +131,11 @@ mod tests {
             lines[1],
             r#"{"ts":"2026-11-24T05:07:38.123Z","topic":"sensors/a","agent":"gw-01","payload_b64":"AP9yYXc="}"#
         );
-        assert!(lines[2].ends_with(r#""payload":{"pretty":true}}"#), "{}", lines[2]);
+        assert!(
+            lines[2].ends_with(r#""payload":{"pretty":true}}"#),
+            "{}",
+            lines[2]
+        );
         assert_eq!(lines.len(), 3);
     }
 
@@ -140,7 +148,9 @@ mod tests {
             let plain = match c {
                 Compression::Gzip => {
                     let mut s = Vec::new();
-                    flate2::read::GzDecoder::new(a.as_slice()).read_to_end(&mut s).unwrap();
+                    flate2::read::GzDecoder::new(a.as_slice())
+                        .read_to_end(&mut s)
+                        .unwrap();
                     s
                 }
                 _ => zstd::decode_all(a.as_slice()).unwrap(),

@@ -100,18 +100,35 @@ mod tests {
 
     #[test]
     fn renders_every_placeholder() {
-        let t = KeyTemplate::parse("{sink}/y={yyyy}/m={MM}/d={dd}/h={HH}/{mm}/{agent}-{batch}.ndjson.gz")
-            .unwrap();
+        let t = KeyTemplate::parse(
+            "{sink}/y={yyyy}/m={MM}/d={dd}/h={HH}/{mm}/{agent}-{batch}.ndjson.gz",
+        )
+        .unwrap();
         // 2026-11-24T05:07:38.123Z
         let key = t.render("gw-01", "lake", 1_795_496_858_123, 42);
-        assert_eq!(key, "lake/y=2026/m=11/d=24/h=05/07/gw-01-0000000042.ndjson.gz");
+        assert_eq!(
+            key,
+            "lake/y=2026/m=11/d=24/h=05/07/gw-01-0000000042.ndjson.gz"
+        );
     }
 
     #[test]
     fn rejects_templates_that_would_overwrite_or_escape() {
-        assert!(KeyTemplate::parse("{sink}/{agent}.ndjson").unwrap_err().contains("{batch}"));
-        assert!(KeyTemplate::parse("{sink}/{bogus}/{batch}").unwrap_err().contains("bogus"));
-        assert!(KeyTemplate::parse("{sink}/{batch").unwrap_err().contains("unclosed"));
+        assert!(
+            KeyTemplate::parse("{sink}/{agent}.ndjson")
+                .unwrap_err()
+                .contains("{batch}")
+        );
+        assert!(
+            KeyTemplate::parse("{sink}/{bogus}/{batch}")
+                .unwrap_err()
+                .contains("bogus")
+        );
+        assert!(
+            KeyTemplate::parse("{sink}/{batch")
+                .unwrap_err()
+                .contains("unclosed")
+        );
         assert!(KeyTemplate::parse("/{batch}").is_err());
         assert!(KeyTemplate::parse("a/../{batch}").is_err());
         assert!(KeyTemplate::parse("a//{batch}").is_err());

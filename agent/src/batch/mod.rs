@@ -9,15 +9,13 @@
 mod encode;
 mod key;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use object_store::ObjectStore;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BatchConfig, Compression, SinkConfig};
 use crate::event::{Event, now_ms};
-use crate::sinks::{self, SinkError, Written};
+use crate::sinks::{Sink, SinkError, Written};
 use crate::spool::{BatchMeta, SinkId, Spool, SpoolError};
 pub use encode::{encode_ndjson, rfc3339_ms};
 pub use key::KeyTemplate;
@@ -27,7 +25,7 @@ pub struct Batcher {
     name: String,
     agent: String,
     spool: Spool,
-    store: Arc<dyn ObjectStore>,
+    target: Sink,
     key: KeyTemplate,
     batch: BatchConfig,
     compression: Compression,
@@ -46,7 +44,7 @@ impl Batcher {
         name: &str,
         agent: &str,
         spool: Spool,
-        store: Arc<dyn ObjectStore>,
+        target: Sink,
         config: &SinkConfig,
     ) -> Result<Batcher, String> {
         Ok(Batcher {
@@ -54,7 +52,7 @@ impl Batcher {
             name: name.to_string(),
             agent: agent.to_string(),
             spool,
-            store,
+            target,
             key: KeyTemplate::parse(&config.key)?,
             batch: config.batch.clone(),
             compression: config.compression,
@@ -70,7 +68,11 @@ impl Batcher {
         }
     }
 
-    async fn run_inner(&self, drain: &CancellationToken, stop: &CancellationToken) -> Result<(), SpoolError> {
+    async fn run_inner(
+        &self,
+        drain: &CancellationToken,
+        stop: &CancellationToken,
+    ) -> Result<(), SpoolError> {
         for meta in self.spool.take_pending(self.sink) {
             let events = self.spool.load_batch(self.sink, &meta)?;
             tracing::info!(sink = %self.name, key = %meta.key, records = meta.records, "resuming upload of batch sealed before restart");
@@ -128,9 +130,15 @@ impl Batcher {
 
     /// Uploads until the store confirms, then completes the batch in the
     /// spool. Returns `false` if `stop` ended the attempt first.
-    async fn upload(&self, meta: BatchMeta, events: &[Event], stop: &CancellationToken) -> Result<bool, SpoolError> {
+    async fn upload(
+        &self,
+        meta: BatchMeta,
+        events: &[Event],
+        stop: &CancellationToken,
+    ) -> Result<bool, SpoolError> {
         let body = {
-            let (events, agent, compression) = (events.to_vec(), self.agent.clone(), self.compression);
+            let (events, agent, compression) =
+                (events.to_vec(), self.agent.clone(), self.compression);
             tokio::task::spawn_blocking(move || encode_ndjson(&events, &agent, compression))
                 .await
                 .expect("encoding does not panic")
@@ -140,7 +148,9 @@ impl Batcher {
         let mut key = meta.key.clone();
         let (mut attempt, mut conflicts) = (0, 0);
         loop {
-            let put = sinks::put_new(self.store.as_ref(), &key, body.clone(), content_type, encoding);
+            let put = self
+                .target
+                .put_new(&key, body.clone(), content_type, encoding);
             let result = tokio::select! {
                 r = put => r,
                 _ = stop.cancelled() => return Ok(false),
@@ -191,7 +201,9 @@ impl Batcher {
 /// beside the original and a restart picks the same new key.
 fn conflict_key(key: &str, sealed_ms: i64, n: u32) -> String {
     let name_start = key.rfind('/').map_or(0, |i| i + 1);
-    let dot = key[name_start..].find('.').map_or(key.len(), |i| name_start + i);
+    let dot = key[name_start..]
+        .find('.')
+        .map_or(key.len(), |i| name_start + i);
     format!("{}-r{sealed_ms}-{n}{}", &key[..dot], &key[dot..])
 }
 
@@ -209,7 +221,10 @@ mod tests {
 
     #[test]
     fn conflict_key_keeps_directory_and_extension() {
-        assert_eq!(conflict_key("a.b/c/x-01.ndjson.gz", 7, 1), "a.b/c/x-01-r7-1.ndjson.gz");
+        assert_eq!(
+            conflict_key("a.b/c/x-01.ndjson.gz", 7, 1),
+            "a.b/c/x-01-r7-1.ndjson.gz"
+        );
         assert_eq!(conflict_key("plain", 7, 2), "plain-r7-2");
     }
 }

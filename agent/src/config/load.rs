@@ -225,16 +225,16 @@ fn substitute_env(
                 out.push('$');
                 rest = tail;
             } else if let Some(body) = after.strip_prefix('{') {
-                let end = body
-                    .find('}')
-                    .ok_or_else(|| err("unclosed `${`: write `${NAME}` or `$$` for a literal `$`".into()))?;
+                let end = body.find('}').ok_or_else(|| {
+                    err("unclosed `${`: write `${NAME}` or `$$` for a literal `$`".into())
+                })?;
                 let expr = &body[..end];
                 let (name, default) = match expr.split_once(":-") {
                     Some((n, d)) => (n, Some(d)),
                     None => (expr, None),
                 };
-                let valid = !name.is_empty()
-                    && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                let valid =
+                    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
                 if !valid {
                     return Err(err(format!("`${{{expr}}}` is not a valid variable name")));
                 }
@@ -293,14 +293,21 @@ mod tests {
     fn substitutes_variables_defaults_and_escapes() {
         let text = "a = \"${A}\"\nb = \"${B:-fallback}\"\nc = \"$$x ${C:-}\"\n# ${UNSET}\n";
         let out = substitute_env(text, None, env(&[("A", "one")])).unwrap();
-        assert_eq!(out, "a = \"one\"\nb = \"fallback\"\nc = \"$x \"\n# ${UNSET}\n");
+        assert_eq!(
+            out,
+            "a = \"one\"\nb = \"fallback\"\nc = \"$x \"\n# ${UNSET}\n"
+        );
     }
 
     #[test]
     fn missing_variable_names_line_and_variable() {
-        let err = substitute_env("x = 1\ny = \"${NOPE}\"\n", Some(Path::new("a.toml")), env(&[]))
-            .unwrap_err()
-            .to_string();
+        let err = substitute_env(
+            "x = 1\ny = \"${NOPE}\"\n",
+            Some(Path::new("a.toml")),
+            env(&[]),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.starts_with("a.toml:2: "), "{err}");
         assert!(err.contains("NOPE is not set"), "{err}");
     }

@@ -8,7 +8,8 @@ use super::{Config, SinkConfig, SinkKind, SourceConfig};
 use crate::batch::KeyTemplate;
 
 pub(super) fn validate(config: &Config, origins: &Origins) -> Result<(), ConfigError> {
-    let fail = |key: String, message: String| Err(ConfigError::invalid(origins.locate(&key), message));
+    let fail =
+        |key: String, message: String| Err(ConfigError::invalid(origins.locate(&key), message));
 
     if !valid_name(&config.agent.id) {
         return fail(
@@ -20,10 +21,16 @@ pub(super) fn validate(config: &Config, origins: &Origins) -> Result<(), ConfigE
         );
     }
     if config.sources.is_empty() {
-        return fail("sources".into(), "no sources configured: add a [sources.NAME] table".into());
+        return fail(
+            "sources".into(),
+            "no sources configured: add a [sources.NAME] table".into(),
+        );
     }
     if config.sinks.is_empty() {
-        return fail("sinks".into(), "no sinks configured: add a [sinks.NAME] table".into());
+        return fail(
+            "sinks".into(),
+            "no sinks configured: add a [sinks.NAME] table".into(),
+        );
     }
 
     let mut names = HashSet::new();
@@ -43,7 +50,9 @@ pub(super) fn validate(config: &Config, origins: &Origins) -> Result<(), ConfigE
         if !names.insert(name.as_str()) {
             return fail(
                 format!("{section}.{name}"),
-                format!("the name `{name}` is used twice; sources, transforms and sinks share one namespace"),
+                format!(
+                    "the name `{name}` is used twice; sources, transforms and sinks share one namespace"
+                ),
             );
         }
     }
@@ -65,19 +74,27 @@ pub(super) fn validate(config: &Config, origins: &Origins) -> Result<(), ConfigE
             }
         }
         if transform.inputs.is_empty() {
-            return fail(format!("transforms.{name}.inputs"), "a transform needs at least one input".into());
+            return fail(
+                format!("transforms.{name}.inputs"),
+                "a transform needs at least one input".into(),
+            );
         }
     }
     if let Some(name) = find_cycle(config) {
         return fail(
             format!("transforms.{name}.inputs"),
-            format!("transform `{name}` feeds back into itself; transforms must form a chain without loops"),
+            format!(
+                "transform `{name}` feeds back into itself; transforms must form a chain without loops"
+            ),
         );
     }
 
     for (name, sink) in &config.sinks {
         if sink.inputs.is_empty() {
-            return fail(format!("sinks.{name}.inputs"), "a sink needs at least one input".into());
+            return fail(
+                format!("sinks.{name}.inputs"),
+                "a sink needs at least one input".into(),
+            );
         }
         for input in &sink.inputs {
             if !is_node(input) {
@@ -94,7 +111,10 @@ pub(super) fn validate(config: &Config, origins: &Origins) -> Result<(), ConfigE
             return fail(format!("sinks.{name}.{key}"), message);
         }
         if sink.batch.max_records == 0 || sink.batch.max_bytes.as_u64() == 0 {
-            return fail(format!("sinks.{name}.batch"), "max_records and max_bytes must be above zero".into());
+            return fail(
+                format!("sinks.{name}.batch"),
+                "max_records and max_bytes must be above zero".into(),
+            );
         }
     }
 
@@ -102,7 +122,9 @@ pub(super) fn validate(config: &Config, origins: &Origins) -> Result<(), ConfigE
         if config.sinks_reached_from(name).is_empty() {
             return fail(
                 format!("sources.{name}"),
-                format!("source `{name}` feeds no sink: list it (or a transform reading it) in a sink's inputs"),
+                format!(
+                    "source `{name}` feeds no sink: list it (or a transform reading it) in a sink's inputs"
+                ),
             );
         }
     }
@@ -146,7 +168,10 @@ fn validate_sink_kind(sink: &SinkConfig) -> Result<(), (&'static str, String)> {
     match sink.kind {
         SinkKind::S3 => {
             if sink.path.is_some() {
-                return Err(("path", "`path` belongs to `file` sinks; an s3 sink takes `bucket`".into()));
+                return Err((
+                    "path",
+                    "`path` belongs to `file` sinks; an s3 sink takes `bucket`".into(),
+                ));
             }
             if sink.bucket.as_deref().is_none_or(str::is_empty) {
                 return Err(("bucket", "an s3 sink needs `bucket`".into()));
@@ -161,7 +186,10 @@ fn validate_sink_kind(sink: &SinkConfig) -> Result<(), (&'static str, String)> {
         }
         SinkKind::File => {
             if let Some((key, _)) = s3_keys.iter().find(|(_, set)| *set) {
-                return Err((key, format!("`{key}` belongs to `s3` sinks; a file sink takes `path`")));
+                return Err((
+                    key,
+                    format!("`{key}` belongs to `s3` sinks; a file sink takes `path`"),
+                ));
             }
             if sink.path.is_none() {
                 return Err(("path", "a file sink needs `path`".into()));
@@ -248,7 +276,13 @@ impl Config {
         for (name, sink) in &self.sinks {
             let target = match sink.kind {
                 SinkKind::S3 => format!("s3://{}", sink.bucket.as_deref().unwrap_or("")),
-                SinkKind::File => format!("file {}", sink.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default()),
+                SinkKind::File => format!(
+                    "file {}",
+                    sink.path
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
+                ),
             };
             out.push_str(&format!(
                 "sink      {name} ({target}, key {}) <- {}\n",

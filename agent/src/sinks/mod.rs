@@ -42,15 +42,26 @@ impl SinkError {
     }
 }
 
-pub fn build(name: &str, config: &SinkConfig) -> Result<Arc<dyn ObjectStore>, SinkError> {
+/// One configured destination for objects.
+pub struct Sink {
+    store: Arc<dyn ObjectStore>,
+    /// Local files have no place for content type and encoding.
+    object_attributes: bool,
+}
+
+pub fn build(name: &str, config: &SinkConfig) -> Result<Sink, SinkError> {
     let setup = |message: String| SinkError::Setup {
         sink: name.to_string(),
         message,
     };
-    match config.kind {
-        SinkKind::S3 => s3::build(config).map_err(setup),
-        SinkKind::File => file::build(config).map_err(setup),
-    }
+    let (store, object_attributes) = match config.kind {
+        SinkKind::S3 => (s3::build(config).map_err(setup)?, true),
+        SinkKind::File => (file::build(config).map_err(setup)?, false),
+    };
+    Ok(Sink {
+        store,
+        object_attributes,
+    })
 }
 
 /// What happened to a write.
@@ -67,49 +78,54 @@ pub enum Written {
 /// A conditional create makes retries after a crash idempotent: if the key
 /// exists with the same bytes, our earlier attempt succeeded; if it exists
 /// with other bytes, somebody else's data is there and is not overwritten.
-pub async fn put_new(
-    store: &dyn ObjectStore,
-    key: &str,
-    body: bytes::Bytes,
-    content_type: &'static str,
-    content_encoding: Option<&'static str>,
-) -> Result<Written, SinkError> {
-    let path = ObjectPath::from(key);
-    let mut attributes = Attributes::new();
-    attributes.insert(Attribute::ContentType, content_type.into());
-    if let Some(encoding) = content_encoding {
-        attributes.insert(Attribute::ContentEncoding, encoding.into());
-    }
-    let options = PutOptions {
-        mode: PutMode::Create,
-        attributes,
-        ..Default::default()
-    };
-    let write_err = |source| SinkError::Write {
-        key: key.to_string(),
-        source,
-    };
-    match store
-        .put_opts(&path, PutPayload::from_bytes(body.clone()), options)
-        .await
-    {
-        Ok(_) => Ok(Written::Created),
-        Err(object_store::Error::AlreadyExists { .. }) => {
-            let existing = store
-                .get(&path)
-                .await
-                .map_err(write_err)?
-                .bytes()
-                .await
-                .map_err(write_err)?;
-            if existing == body {
-                Ok(Written::AlreadyThere)
-            } else {
-                Err(SinkError::Conflict {
-                    key: key.to_string(),
-                })
+impl Sink {
+    pub async fn put_new(
+        &self,
+        key: &str,
+        body: bytes::Bytes,
+        content_type: &'static str,
+        content_encoding: Option<&'static str>,
+    ) -> Result<Written, SinkError> {
+        let store = self.store.as_ref();
+        let path = ObjectPath::from(key);
+        let mut attributes = Attributes::new();
+        if self.object_attributes {
+            attributes.insert(Attribute::ContentType, content_type.into());
+            if let Some(encoding) = content_encoding {
+                attributes.insert(Attribute::ContentEncoding, encoding.into());
             }
         }
-        Err(source) => Err(write_err(source)),
+        let options = PutOptions {
+            mode: PutMode::Create,
+            attributes,
+            ..Default::default()
+        };
+        let write_err = |source| SinkError::Write {
+            key: key.to_string(),
+            source,
+        };
+        match store
+            .put_opts(&path, PutPayload::from_bytes(body.clone()), options)
+            .await
+        {
+            Ok(_) => Ok(Written::Created),
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                let existing = store
+                    .get(&path)
+                    .await
+                    .map_err(write_err)?
+                    .bytes()
+                    .await
+                    .map_err(write_err)?;
+                if existing == body {
+                    Ok(Written::AlreadyThere)
+                } else {
+                    Err(SinkError::Conflict {
+                        key: key.to_string(),
+                    })
+                }
+            }
+            Err(source) => Err(write_err(source)),
+        }
     }
 }
