@@ -8,6 +8,7 @@
 pub mod batch;
 pub mod config;
 pub mod event;
+pub mod plugin;
 pub mod sinks;
 pub mod sources;
 pub mod spool;
@@ -25,15 +26,28 @@ use crate::sources::{http::HttpSource, mqtt::MqttSource};
 use crate::spool::Spool;
 use crate::transform::Ingest;
 
+/// How often plugins' `tick` runs, for windows and aggregations.
+const TICK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Runs the pipeline until `shutdown` is cancelled, then stops the sources,
 /// uploads what it can within `agent.shutdown_timeout`, and flushes the spool.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let data_dir = &config.agent.data_dir;
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data_dir {}", data_dir.display()))?;
+    let plugins = transform::load_plugins(&config)?;
+    let dead_letter =
+        plugin::DeadLetter::new(config.agent.dead_letter_dir()).with_context(|| {
+            format!(
+                "cannot create dead-letter dir {}",
+                config.agent.dead_letter_dir().display()
+            )
+        })?;
     let sink_names: Vec<String> = config.sinks.keys().cloned().collect();
     let spool = Spool::open(data_dir, &sink_names, &config.spool)?;
 
+    let sources_stop = CancellationToken::new();
+    let mut sources = JoinSet::new();
     let drain = CancellationToken::new();
     let stop = CancellationToken::new();
     let mut batchers = JoinSet::new();
@@ -45,13 +59,28 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         batchers.spawn(batcher.run(drain.clone(), stop.clone()));
     }
 
-    let ingest = Ingest::new(&config, spool.clone());
-    let sources_stop = CancellationToken::new();
-    let mut sources = JoinSet::new();
+    let ingest = Ingest::new(&config, spool.clone(), plugins, dead_letter);
+    if !config.transforms.is_empty() {
+        let ticker = ingest.clone();
+        let stop_ticks = sources_stop.clone();
+        sources.spawn(async move {
+            let mut interval = tokio::time::interval(TICK_INTERVAL);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = interval.tick() => ticker.tick(event::now_ms()).await,
+                    _ = stop_ticks.cancelled() => return,
+                }
+            }
+        });
+    }
     let mut http = BTreeMap::new();
     for (name, source) in &config.sources {
         if let SourceConfig::Http(cfg) = source {
-            http.insert(name.clone(), HttpSource::bind(name, cfg, ingest.clone()).await?);
+            http.insert(
+                name.clone(),
+                HttpSource::bind(name, cfg, ingest.clone()).await?,
+            );
         }
     }
     for (_, source) in http {
@@ -83,11 +112,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     })
     .await;
     if drained.is_err() {
-        tracing::warn!("shutdown_timeout reached; what is not uploaded stays in the spool for the next start");
+        tracing::warn!(
+            "shutdown_timeout reached; what is not uploaded stays in the spool for the next start"
+        );
         stop.cancel();
         while batchers.join_next().await.is_some() {}
     }
-    spool.flush().await?;
+    drop(ingest);
+    tokio::task::spawn_blocking(move || spool.close()).await??;
     tracing::info!("silt stopped");
     Ok(())
 }

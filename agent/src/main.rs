@@ -26,10 +26,30 @@ enum Command {
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
-    /// Validate a config and print the pipeline.
+    /// Validate a config, load its plugins and print the pipeline.
     Check {
         #[arg(short, long)]
         config: PathBuf,
+    },
+    /// Work with WebAssembly transform plugins.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Run a plugin on NDJSON events and print what it emits, as NDJSON.
+    Test {
+        /// The plugin component (.wasm).
+        plugin: PathBuf,
+        /// The plugin's config, as JSON.
+        #[arg(long, default_value = "{}")]
+        config: String,
+        /// NDJSON input, one `{"topic":..,"payload":..}` per line; stdin when absent.
+        #[arg(long)]
+        input: Option<PathBuf>,
     },
 }
 
@@ -46,6 +66,19 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => run(config),
         Command::Check { config } => check(config),
+        Command::Plugin {
+            command:
+                PluginCommand::Test {
+                    plugin,
+                    config,
+                    input,
+                },
+        } => silt::plugin::cli::plugin_test(
+            &plugin,
+            &config,
+            input.as_deref(),
+            &mut std::io::stdout().lock(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -58,7 +91,11 @@ fn main() -> ExitCode {
 
 fn check(path: PathBuf) -> anyhow::Result<()> {
     let config = silt::config::load(&path)?;
+    let plugins = silt::transform::load_plugins(&config)?;
     print!("{}", config.graph());
+    if !plugins.is_empty() {
+        println!("plugins loaded and initialised: {}", plugins.len());
+    }
     println!("config ok: {}", path.display());
     Ok(())
 }

@@ -1,58 +1,275 @@
-//! The stage between sources and the spool: route each source's events to
-//! the sinks that read it and commit them, so a source can acknowledge.
+//! The stage between sources and the spool: run each source's events
+//! through the transforms that read it, and commit what comes out to the
+//! sinks that read each node, in one spool append, so a source can
+//! acknowledge.
+//!
+//! A plugin that fails (trap, timeout, memory, fuel, or an `err` result)
+//! never fails the ingest: its input batch is written to dead-letter
+//! (fsynced) and the pipeline goes on. Only if the dead-letter write itself
+//! fails is the ingest refused, so the source keeps the data.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::config::Config;
 use crate::event::Event;
+use crate::plugin::{DeadLetter, Plugin, PluginEngine, PluginError, PluginLimits};
 use crate::spool::{AppendOutcome, SinkId, Spool, SpoolError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    #[error(
+        "transform {transform} failed and its batch could not be dead-lettered: {error}; the events were not accepted, retry later"
+    )]
+    DeadLetter {
+        transform: String,
+        error: std::io::Error,
+    },
+}
+
+impl IngestError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            IngestError::Spool(e) => e.is_retryable(),
+            IngestError::DeadLetter { .. } => true,
+        }
+    }
+}
+
+/// Where events leaving a source or transform go.
+#[derive(Default)]
+struct Node {
+    sinks: Vec<SinkId>,
+    transforms: Vec<Arc<Stage>>,
+}
+
+/// One configured transform: a plugin instance and where its failures go.
+struct Stage {
+    name: String,
+    plugin: Mutex<Plugin>,
+    dead_letter: Arc<DeadLetter>,
+}
+
+/// Loads every configured plugin, calling `init`. Used by `run` and by
+/// `silt check`, so a broken plugin fails before the agent starts.
+pub fn load_plugins(config: &Config) -> Result<HashMap<String, Plugin>, PluginError> {
+    if config.transforms.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let engine = PluginEngine::new(&config.agent.data_dir.join("plugin-cache"))?;
+    config
+        .transforms
+        .iter()
+        .map(|(name, t)| {
+            let limits = PluginLimits {
+                max_memory: t.max_memory.as_u64(),
+                timeout: t.timeout,
+                fuel: t.fuel,
+            };
+            let json = serde_json::to_string(&t.config).expect("a TOML table is valid JSON");
+            Plugin::load(&engine, name, &t.plugin, &json, limits).map(|p| (name.clone(), p))
+        })
+        .collect()
+}
 
 /// What sources hold to hand events in. Cheap to clone.
 #[derive(Clone)]
 pub struct Ingest {
     spool: Spool,
-    routes: Arc<HashMap<String, Vec<SinkId>>>,
+    nodes: Arc<HashMap<String, Node>>,
+    stages: Arc<Vec<Arc<Stage>>>,
     drops: Arc<DropCounter>,
 }
 
 impl Ingest {
-    pub fn new(config: &Config, spool: Spool) -> Ingest {
-        let routes = config
-            .sources
-            .keys()
-            .map(|source| {
-                let sinks = config
-                    .sinks_reached_from(source)
-                    .into_iter()
-                    .filter_map(|sink| spool.sink_id(sink))
-                    .collect();
-                (source.clone(), sinks)
+    pub fn new(
+        config: &Config,
+        spool: Spool,
+        plugins: HashMap<String, Plugin>,
+        dead_letter: DeadLetter,
+    ) -> Ingest {
+        let dead_letter = Arc::new(dead_letter);
+        let stages: HashMap<&str, Arc<Stage>> = plugins
+            .into_iter()
+            .map(|(name, plugin)| {
+                let stage = Stage {
+                    name: name.clone(),
+                    plugin: Mutex::new(plugin),
+                    dead_letter: dead_letter.clone(),
+                };
+                let key = config
+                    .transforms
+                    .get_key_value(&name)
+                    .expect("plugin per transform")
+                    .0;
+                (key.as_str(), Arc::new(stage))
             })
             .collect();
+        let mut nodes: HashMap<String, Node> = HashMap::new();
+        let names = config.sources.keys().chain(config.transforms.keys());
+        for name in names {
+            let node = nodes.entry(name.clone()).or_default();
+            for (sink, cfg) in &config.sinks {
+                if cfg.inputs.contains(name) {
+                    node.sinks.extend(spool.sink_id(sink));
+                }
+            }
+            for (t, cfg) in &config.transforms {
+                if cfg.inputs.contains(name) {
+                    node.transforms.push(stages[t.as_str()].clone());
+                }
+            }
+        }
         Ingest {
             spool,
-            routes: Arc::new(routes),
+            nodes: Arc::new(nodes),
+            stages: Arc::new(stages.into_values().collect()),
             drops: Arc::new(DropCounter::default()),
         }
     }
 
-    /// Commits events from `source`; returns once they are on disk (or were
-    /// dropped by the `when_full` policy, which the outcome says).
-    pub async fn ingest(&self, source: &str, events: Vec<Event>) -> Result<AppendOutcome, SpoolError> {
-        let sinks = self.routes.get(source).map(Vec::as_slice).unwrap_or_default();
-        let outcome = self.spool.append(sinks, events).await?;
+    /// Commits events entering at `source` (a source, or a transform for
+    /// events it emits on tick); returns once they are on disk, or were
+    /// dropped by the `when_full` policy, which the outcome says.
+    pub async fn ingest(
+        &self,
+        source: &str,
+        events: Vec<Event>,
+    ) -> Result<AppendOutcome, IngestError> {
+        // Plugins may keep state (dedup windows): once they have seen a batch
+        // it must be stored, not refused and sent again. So refuse up front
+        // when full, and after transforms wait for room instead of failing.
+        if self.spool.refuses_appends() {
+            return Err(SpoolError::Full.into());
+        }
+        self.deliver(source, events, false).await
+    }
+
+    /// Runs `events` from `node` through the transforms downstream and
+    /// commits the results in one append. `transformed` says the events
+    /// already came out of a plugin.
+    async fn deliver(
+        &self,
+        node: &str,
+        events: Vec<Event>,
+        mut transformed: bool,
+    ) -> Result<AppendOutcome, IngestError> {
+        let mut groups = Vec::new();
+        let mut todo = vec![(node.to_string(), events)];
+        while let Some((name, events)) = todo.pop() {
+            let Some(node) = self.nodes.get(&name) else {
+                continue;
+            };
+            for stage in &node.transforms {
+                transformed = true;
+                if let Some(out) = stage.process(events.clone()).await? {
+                    todo.push((stage.name.clone(), out));
+                }
+            }
+            if !node.sinks.is_empty() {
+                groups.push((node.sinks.clone(), events));
+            }
+        }
+        let outcome = if transformed {
+            self.append_waiting(groups).await?
+        } else {
+            self.spool.append_groups(groups).await?
+        };
         if outcome.dropped_new > 0 || outcome.dropped_old > 0 {
-            self.drops.record(source, &outcome);
+            self.drops.record(node, &outcome);
         }
         Ok(outcome)
+    }
+
+    async fn append_waiting(
+        &self,
+        groups: Vec<(Vec<SinkId>, Vec<Event>)>,
+    ) -> Result<AppendOutcome, SpoolError> {
+        let mut warned = false;
+        loop {
+            match self.spool.append_groups(groups.clone()).await {
+                Err(e) if e.is_retryable() => {
+                    if !warned {
+                        tracing::warn!(error = %e, "transformed events wait for room in the spool");
+                        warned = true;
+                    }
+                    self.space_freed(Duration::from_secs(1)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Calls every plugin's `tick` and commits what they emit.
+    pub async fn tick(&self, now_ms: i64) {
+        for stage in self.stages.iter() {
+            match stage.tick(now_ms).await {
+                Ok(events) if !events.is_empty() => {
+                    if let Err(e) = self.deliver(&stage.name, events, true).await {
+                        tracing::error!(transform = %stage.name, error = %e, "events emitted by tick were not committed");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(transform = %stage.name, error = %e, "plugin tick failed"),
+            }
+        }
     }
 
     /// Waits until the spool frees space (or `timeout` passes).
     pub async fn space_freed(&self, timeout: Duration) {
         self.spool.space_freed(timeout).await
+    }
+}
+
+impl Stage {
+    /// The plugin's output, or `None` when it failed and its input went to
+    /// dead-letter.
+    async fn process(
+        self: &Arc<Self>,
+        events: Vec<Event>,
+    ) -> Result<Option<Vec<Event>>, IngestError> {
+        let stage = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = stage
+                .plugin
+                .lock()
+                .expect("plugin lock")
+                .process(events.clone());
+            match result {
+                Ok(out) => Ok(Some(out)),
+                Err(error) => stage.dead_letter(&error, &events).map(|()| None),
+            }
+        })
+        .await
+        .expect("plugin calls do not panic the host")
+    }
+
+    async fn tick(self: &Arc<Self>, now_ms: i64) -> Result<Vec<Event>, PluginError> {
+        let stage = self.clone();
+        tokio::task::spawn_blocking(move || stage.plugin.lock().expect("plugin lock").tick(now_ms))
+            .await
+            .expect("plugin calls do not panic the host")
+    }
+
+    fn dead_letter(&self, error: &PluginError, events: &[Event]) -> Result<(), IngestError> {
+        let reason = error.to_string();
+        match self.dead_letter.write(&self.name, &reason, events) {
+            Ok(path) => {
+                tracing::warn!(
+                    transform = %self.name, kind = error.kind(), error = %reason, events = events.len(),
+                    path = %path.display(), "plugin failed; its batch went to dead-letter and the pipeline goes on"
+                );
+                Ok(())
+            }
+            Err(io) => Err(IngestError::DeadLetter {
+                transform: self.name.clone(),
+                error: io,
+            }),
+        }
     }
 }
 
@@ -67,7 +284,10 @@ struct DropCounter {
 
 impl DropCounter {
     fn record(&self, source: &str, outcome: &AppendOutcome) {
-        let new = self.new.fetch_add(outcome.dropped_new as u64, Ordering::Relaxed) + outcome.dropped_new as u64;
+        let new = self
+            .new
+            .fetch_add(outcome.dropped_new as u64, Ordering::Relaxed)
+            + outcome.dropped_new as u64;
         let old = self.old.fetch_add(outcome.dropped_old, Ordering::Relaxed) + outcome.dropped_old;
         let now = crate::event::now_ms() as u64;
         let last = self.last_log_ms.load(Ordering::Relaxed);

@@ -32,6 +32,11 @@ pub struct Batcher {
     retry_max: Duration,
 }
 
+enum Step {
+    Continue,
+    Done,
+}
+
 /// How long to sleep before upload attempt `n` (0-based) after a failure.
 fn backoff(attempt: u32, max: Duration) -> Duration {
     let base = Duration::from_millis(100).saturating_mul(1u32 << attempt.min(16));
@@ -63,57 +68,74 @@ impl Batcher {
     /// Runs until `drain` is cancelled and everything spooled for this sink
     /// is uploaded, or until `stop` is cancelled (leaving the rest spooled).
     pub async fn run(self, drain: CancellationToken, stop: CancellationToken) {
-        if let Err(e) = self.run_inner(&drain, &stop).await {
-            tracing::error!(sink = %self.name, error = %e, "batcher stopped; records stay in the spool for the next start");
+        loop {
+            match self.step(&drain, &stop).await {
+                Ok(Step::Continue) => {}
+                Ok(Step::Done) => return,
+                Err(e) => {
+                    tracing::error!(sink = %self.name, error = %e, "spool error while batching; retrying in 1s");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            }
         }
     }
 
-    async fn run_inner(
+    async fn step(
         &self,
         drain: &CancellationToken,
         stop: &CancellationToken,
-    ) -> Result<(), SpoolError> {
-        for meta in self.spool.take_pending(self.sink) {
-            let events = self.spool.load_batch(self.sink, &meta)?;
-            tracing::info!(sink = %self.name, key = %meta.key, records = meta.records, "resuming upload of batch sealed before restart");
-            if !self.upload(meta, &events, stop).await? {
-                return Ok(());
-            }
+    ) -> Result<Step, SpoolError> {
+        if stop.is_cancelled() {
+            return Ok(Step::Done);
         }
-        loop {
-            if stop.is_cancelled() {
-                return Ok(());
-            }
-            let draining = drain.is_cancelled();
-            let stats = self.spool.stats(self.sink);
-            let age = stats
-                .oldest_unsealed_ms
-                .map(|ts| Duration::from_millis(now_ms().saturating_sub(ts).max(0) as u64));
-            let due = stats.unsealed_records >= self.batch.max_records as u64
-                || stats.unsealed_bytes >= self.batch.max_bytes.as_u64()
-                || age.is_some_and(|a| a >= self.batch.max_age)
-                || (draining && stats.unsealed_records > 0);
-            if due {
-                if let Some((meta, events)) = self.seal().await? {
-                    if !self.upload(meta, &events, stop).await? {
-                        return Ok(());
-                    }
+        let mut pending = self.spool.take_pending(self.sink).into_iter();
+        while let Some(meta) = pending.next() {
+            let events = match self.spool.load_batch(self.sink, &meta) {
+                Ok(events) => events,
+                Err(e) => {
+                    self.spool
+                        .return_pending(self.sink, std::iter::once(meta).chain(pending).collect());
+                    return Err(e);
                 }
-                continue;
-            }
-            if draining {
-                return Ok(());
-            }
-            let wait = match age {
-                Some(a) => self.batch.max_age.saturating_sub(a),
-                None => self.batch.max_age,
             };
-            tokio::select! {
-                _ = self.spool.records_added(self.sink, wait.max(Duration::from_millis(5))) => {}
-                _ = drain.cancelled() => {}
-                _ = stop.cancelled() => {}
+            tracing::info!(sink = %self.name, key = %meta.key, records = meta.records, "uploading batch sealed earlier");
+            if !self.upload(meta, &events, stop).await? {
+                return Ok(Step::Done);
             }
         }
+        let draining = drain.is_cancelled();
+        let stats = self.spool.stats(self.sink);
+        let age = stats
+            .oldest_unsealed_ms
+            .map(|ts| Duration::from_millis(now_ms().saturating_sub(ts).max(0) as u64));
+        let due = stats.unsealed_records >= self.batch.max_records as u64
+            || stats.unsealed_bytes >= self.batch.max_bytes.as_u64()
+            || age.is_some_and(|a| a >= self.batch.max_age)
+            || (draining && stats.unsealed_records > 0);
+        if due {
+            if let Some((meta, events)) = self.seal().await?
+                && !self.upload(meta, &events, stop).await?
+            {
+                return Ok(Step::Done);
+            }
+            return Ok(Step::Continue);
+        }
+        if draining {
+            return Ok(Step::Done);
+        }
+        let wait = match age {
+            Some(a) => self.batch.max_age.saturating_sub(a),
+            None => self.batch.max_age,
+        };
+        tokio::select! {
+            _ = self.spool.records_added(self.sink, wait.max(Duration::from_millis(5))) => {}
+            _ = drain.cancelled() => {}
+            _ = stop.cancelled() => {}
+        }
+        Ok(Step::Continue)
     }
 
     async fn seal(&self) -> Result<Option<(BatchMeta, Vec<Event>)>, SpoolError> {

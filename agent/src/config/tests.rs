@@ -30,7 +30,11 @@ fn every_shipped_config_loads() {
             seen += 1;
         }
     }
-    assert!(seen >= 2, "expected quickstart.toml and mqtt-s3.toml in {}", dir.display());
+    assert!(
+        seen >= 2,
+        "expected quickstart.toml and mqtt-s3.toml in {}",
+        dir.display()
+    );
 }
 
 #[test]
@@ -46,42 +50,81 @@ fn defaults_fill_what_is_left_out() {
 
 #[test]
 fn unknown_key_names_file_line_and_key() {
-    let text = MINIMAL.replace("path = \"./lake\"", "path = \"./lake\"\nbatch = { max_recs = 5 }");
+    let text = MINIMAL.replace(
+        "path = \"./lake\"",
+        "path = \"./lake\"\nbatch = { max_recs = 5 }",
+    );
     let err = load_str(&text, "bad.toml").unwrap_err().to_string();
-    assert!(err.starts_with("bad.toml:10: key `sinks.lake.batch"), "{err}");
+    assert!(
+        err.starts_with("bad.toml:10: key `sinks.lake.batch"),
+        "{err}"
+    );
     assert!(err.contains("unknown field `max_recs`"), "{err}");
 }
 
 #[test]
 fn unknown_key_inside_a_tagged_source_is_located() {
-    let text = MINIMAL.replace("listen = \"127.0.0.1:8080\"", "listen = \"127.0.0.1:8080\"\nlisten_port = 9");
+    let text = MINIMAL.replace(
+        "listen = \"127.0.0.1:8080\"",
+        "listen = \"127.0.0.1:8080\"\nlisten_port = 9",
+    );
     let err = load_str(&text, "bad.toml").unwrap_err().to_string();
-    assert!(err.starts_with("bad.toml:5: key `sources.api.listen_port`"), "{err}");
+    assert!(
+        err.starts_with("bad.toml:5: key `sources.api.listen_port`"),
+        "{err}"
+    );
 }
 
 #[test]
 fn wrong_type_names_the_key() {
     let text = MINIMAL.replace("path = \"./lake\"", "path = \"./lake\"\nretry_max = 5");
     let err = load_str(&text, "bad.toml").unwrap_err().to_string();
-    assert!(err.contains("bad.toml:10: key `sinks.lake.retry_max`"), "{err}");
+    assert!(
+        err.contains("bad.toml:10: key `sinks.lake.retry_max`"),
+        "{err}"
+    );
 }
 
 #[test]
 fn syntax_error_names_the_line() {
-    let err = load_str("[agent]\nid = \"x\"\nnot toml at all\n", "bad.toml").unwrap_err().to_string();
+    let err = load_str("[agent]\nid = \"x\"\nnot toml at all\n", "bad.toml")
+        .unwrap_err()
+        .to_string();
     assert!(err.starts_with("bad.toml:3: "), "{err}");
 }
 
 #[test]
 fn graph_errors_name_the_component() {
     let cases = [
-        (MINIMAL.replace("inputs = [\"api\"]", "inputs = [\"nope\"]"), "input `nope`"),
-        (MINIMAL.replace("path = \"./lake\"", "path = \"./lake\"\nkey = \"{agent}.ndjson\""), "{batch}"),
-        (MINIMAL.replace("path = \"./lake\"", "path = \"./lake\"\nbucket = \"b\""), "`bucket` belongs to `s3`"),
-        (MINIMAL.replace("type = \"file\"", "type = \"s3\"").replace("path = \"./lake\"", "bucket = \"b\"\npath = \"x\""), "`path` belongs"),
-        (format!("{MINIMAL}\n[sources.idle]\ntype = \"http\"\nlisten = \"127.0.0.1:1\"\n"), "feeds no sink"),
         (
-            format!("{MINIMAL}\n[sources.m]\ntype = \"mqtt\"\nurl = \"mqtt://h\"\ntopics = [\"a\"]\nqos = 2\n"),
+            MINIMAL.replace("inputs = [\"api\"]", "inputs = [\"nope\"]"),
+            "input `nope`",
+        ),
+        (
+            MINIMAL.replace(
+                "path = \"./lake\"",
+                "path = \"./lake\"\nkey = \"{agent}.ndjson\"",
+            ),
+            "{batch}",
+        ),
+        (
+            MINIMAL.replace("path = \"./lake\"", "path = \"./lake\"\nbucket = \"b\""),
+            "`bucket` belongs to `s3`",
+        ),
+        (
+            MINIMAL
+                .replace("type = \"file\"", "type = \"s3\"")
+                .replace("path = \"./lake\"", "bucket = \"b\"\npath = \"x\""),
+            "`path` belongs",
+        ),
+        (
+            format!("{MINIMAL}\n[sources.idle]\ntype = \"http\"\nlisten = \"127.0.0.1:1\"\n"),
+            "feeds no sink",
+        ),
+        (
+            format!(
+                "{MINIMAL}\n[sources.m]\ntype = \"mqtt\"\nurl = \"mqtt://h\"\ntopics = [\"a\"]\nqos = 2\n"
+            ),
             "qos 2 is not supported",
         ),
     ];
@@ -95,7 +138,11 @@ fn graph_errors_name_the_component() {
 fn a_directory_merges_in_name_order() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "10-base.toml", MINIMAL);
-    write(dir.path(), "20-device.toml", "[agent]\nid = \"dev-7\"\n[sinks.lake]\ncompression = \"zstd\"\n");
+    write(
+        dir.path(),
+        "20-device.toml",
+        "[agent]\nid = \"dev-7\"\n[sinks.lake]\ncompression = \"zstd\"\n",
+    );
     write(dir.path(), "ignored.txt", "not toml");
     let config = load(dir.path()).unwrap();
     assert_eq!(config.agent.id, "dev-7");
@@ -107,9 +154,16 @@ fn a_directory_merges_in_name_order() {
 fn error_in_a_later_file_names_that_file() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "10-base.toml", MINIMAL);
-    let bad = write(dir.path(), "20-device.toml", "[agent]\nid = \"d\"\ncolour = 1\n");
+    let bad = write(
+        dir.path(),
+        "20-device.toml",
+        "[agent]\nid = \"d\"\ncolour = 1\n",
+    );
     let err = load(dir.path()).unwrap_err().to_string();
-    assert!(err.starts_with(&format!("{}:3: key `agent.colour`", bad.display())), "{err}");
+    assert!(
+        err.starts_with(&format!("{}:3: key `agent.colour`", bad.display())),
+        "{err}"
+    );
 }
 
 #[test]

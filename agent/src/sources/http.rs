@@ -21,10 +21,13 @@ use crate::config::HttpSourceConfig;
 use crate::event::{Event, now_ms};
 use crate::spool::SpoolError;
 use crate::transform::Ingest;
+use crate::transform::IngestError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
-    #[error("http source {source_name} cannot listen on {addr}: {error}; is another process using the port?")]
+    #[error(
+        "http source {source_name} cannot listen on {addr}: {error}; is another process using the port?"
+    )]
     Bind {
         source_name: String,
         addr: SocketAddr,
@@ -49,12 +52,18 @@ type Reply = Response<Full<Bytes>>;
 impl HttpSource {
     /// Binds the listener now, so a taken port fails start-up instead of
     /// surfacing later.
-    pub async fn bind(name: &str, config: &HttpSourceConfig, ingest: Ingest) -> Result<HttpSource, HttpError> {
-        let listener = TcpListener::bind(config.listen).await.map_err(|error| HttpError::Bind {
-            source_name: name.to_string(),
-            addr: config.listen,
-            error,
-        })?;
+    pub async fn bind(
+        name: &str,
+        config: &HttpSourceConfig,
+        ingest: Ingest,
+    ) -> Result<HttpSource, HttpError> {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|error| HttpError::Bind {
+                source_name: name.to_string(),
+                addr: config.listen,
+                error,
+            })?;
         let handler = Handler {
             name: name.to_string(),
             auth_token: config.auth_token.clone().filter(|t| !t.is_empty()),
@@ -93,7 +102,8 @@ impl HttpSource {
                 let handler = handler.clone();
                 async move { Ok::<_, Infallible>(handler.handle(req).await) }
             });
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
             let conn = graceful.watch(conn);
             tokio::spawn(async move {
                 let _ = conn.await;
@@ -107,8 +117,10 @@ impl HttpSource {
 fn json_reply(status: StatusCode, body: serde_json::Value) -> Reply {
     let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, "application/json".parse().expect("static header"));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        "application/json".parse().expect("static header"),
+    );
     resp
 }
 
@@ -118,19 +130,34 @@ fn error_reply(status: StatusCode, message: impl Into<String>) -> Reply {
 
 impl Handler {
     async fn handle(&self, req: Request<Incoming>) -> Reply {
-        let Some(stream) = req.uri().path().strip_prefix("/v1/ingest/").map(str::to_string) else {
-            return error_reply(StatusCode::NOT_FOUND, "unknown path; POST events to /v1/ingest/{stream}");
+        let Some(stream) = req
+            .uri()
+            .path()
+            .strip_prefix("/v1/ingest/")
+            .map(str::to_string)
+        else {
+            return error_reply(
+                StatusCode::NOT_FOUND,
+                "unknown path; POST events to /v1/ingest/{stream}",
+            );
         };
         if stream.is_empty() || stream.contains('/') {
-            return error_reply(StatusCode::NOT_FOUND, "the stream name must be one non-empty path segment");
+            return error_reply(
+                StatusCode::NOT_FOUND,
+                "the stream name must be one non-empty path segment",
+            );
         }
         if req.method() != Method::POST {
             let mut resp = error_reply(StatusCode::METHOD_NOT_ALLOWED, "use POST");
-            resp.headers_mut().insert("allow", "POST".parse().expect("static header"));
+            resp.headers_mut()
+                .insert("allow", "POST".parse().expect("static header"));
             return resp;
         }
         if !self.authorized(&req) {
-            let mut resp = error_reply(StatusCode::UNAUTHORIZED, "missing or wrong token: send `Authorization: Bearer <token>`");
+            let mut resp = error_reply(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong token: send `Authorization: Bearer <token>`",
+            );
             resp.headers_mut()
                 .insert(WWW_AUTHENTICATE, "Bearer".parse().expect("static header"));
             return resp;
@@ -147,12 +174,31 @@ impl Handler {
             .headers()
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+            .map(|v| {
+                v.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase()
+            })
             .unwrap_or_default();
-        let body = match Limited::new(req.into_body(), self.max_body as usize).collect().await {
+        let body = match Limited::new(req.into_body(), self.max_body as usize)
+            .collect()
+            .await
+        {
             Ok(collected) => collected.to_bytes(),
-            Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => return self.too_large(),
-            Err(e) => return error_reply(StatusCode::BAD_REQUEST, format!("reading the body failed: {e}")),
+            Err(e)
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
+                return self.too_large();
+            }
+            Err(e) => {
+                return error_reply(
+                    StatusCode::BAD_REQUEST,
+                    format!("reading the body failed: {e}"),
+                );
+            }
         };
         let events = match parse_body(&stream, &content_type, body, now_ms()) {
             Ok(events) => events,
@@ -168,7 +214,7 @@ impl Handler {
             }
             Err(e) => {
                 let status = match e {
-                    SpoolError::Full => StatusCode::SERVICE_UNAVAILABLE,
+                    IngestError::Spool(SpoolError::Full) => StatusCode::SERVICE_UNAVAILABLE,
                     _ => StatusCode::INTERNAL_SERVER_ERROR,
                 };
                 if status == StatusCode::INTERNAL_SERVER_ERROR {
@@ -176,7 +222,8 @@ impl Handler {
                 }
                 let mut resp = error_reply(status, e.to_string());
                 if e.is_retryable() {
-                    resp.headers_mut().insert(RETRY_AFTER, "1".parse().expect("static header"));
+                    resp.headers_mut()
+                        .insert(RETRY_AFTER, "1".parse().expect("static header"));
                 }
                 resp
             }
@@ -220,14 +267,22 @@ fn is_json(content_type: &str) -> bool {
 fn is_ndjson(content_type: &str) -> bool {
     matches!(
         content_type,
-        "application/x-ndjson" | "application/ndjson" | "application/jsonl" | "application/x-jsonlines"
+        "application/x-ndjson"
+            | "application/ndjson"
+            | "application/jsonl"
+            | "application/x-jsonlines"
     )
 }
 
 /// One event per JSON object, or one binary event for other content types.
 /// Any bad part rejects the whole body, so a client never has to guess what
 /// was kept.
-fn parse_body(stream: &str, content_type: &str, body: Bytes, ts_ms: i64) -> Result<Vec<Event>, String> {
+fn parse_body(
+    stream: &str,
+    content_type: &str,
+    body: Bytes,
+    ts_ms: i64,
+) -> Result<Vec<Event>, String> {
     let event = |payload: Bytes| Event::new(ts_ms, stream, payload);
     if is_ndjson(content_type) {
         let mut events = Vec::new();
@@ -238,24 +293,37 @@ fn parse_body(stream: &str, content_type: &str, body: Bytes, ts_ms: i64) -> Resu
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            let raw: &RawValue = serde_json::from_slice(line)
-                .map_err(|e| format!("line {}: invalid JSON at column {}: {e}", index + 1, e.column()))?;
+            let raw: &RawValue = serde_json::from_slice(line).map_err(|e| {
+                format!(
+                    "line {}: invalid JSON at column {}: {e}",
+                    index + 1,
+                    e.column()
+                )
+            })?;
             if !raw.get().starts_with('{') {
                 return Err(format!("line {}: expected a JSON object", index + 1));
             }
-            events.push(event(body.slice(start..start + line.len()).trim_ascii_bytes()));
+            events.push(event(
+                body.slice(start..start + line.len()).trim_ascii_bytes(),
+            ));
         }
         return Ok(events);
     }
     if is_json(content_type) {
-        let raw: &RawValue = serde_json::from_slice(&body)
-            .map_err(|e| format!("invalid JSON at line {}, column {}: {e}", e.line(), e.column()))?;
+        let raw: &RawValue = serde_json::from_slice(&body).map_err(|e| {
+            format!(
+                "invalid JSON at line {}, column {}: {e}",
+                e.line(),
+                e.column()
+            )
+        })?;
         let text = raw.get();
         if text.starts_with('{') {
             return Ok(vec![event(Bytes::copy_from_slice(text.as_bytes()))]);
         }
         if text.starts_with('[') {
-            let items: Vec<&RawValue> = serde_json::from_str(text).map_err(|e| format!("invalid JSON array: {e}"))?;
+            let items: Vec<&RawValue> =
+                serde_json::from_str(text).map_err(|e| format!("invalid JSON array: {e}"))?;
             return items
                 .iter()
                 .enumerate()
@@ -272,7 +340,8 @@ fn parse_body(stream: &str, content_type: &str, body: Bytes, ts_ms: i64) -> Resu
     }
     let mut e = event(body);
     if !content_type.is_empty() {
-        e.attributes.push(("content_type".into(), content_type.to_string()));
+        e.attributes
+            .push(("content_type".into(), content_type.to_string()));
     }
     Ok(vec![e])
 }
@@ -294,14 +363,23 @@ mod tests {
     use super::*;
 
     fn parse(ct: &str, body: &str) -> Result<Vec<String>, String> {
-        parse_body("s", ct, Bytes::from(body.to_string()), 0)
-            .map(|evs| evs.iter().map(|e| String::from_utf8(e.payload.to_vec()).unwrap()).collect())
+        parse_body("s", ct, Bytes::from(body.to_string()), 0).map(|evs| {
+            evs.iter()
+                .map(|e| String::from_utf8(e.payload.to_vec()).unwrap())
+                .collect()
+        })
     }
 
     #[test]
     fn json_object_array_and_ndjson() {
-        assert_eq!(parse("application/json", r#" {"a":1} "#).unwrap(), [r#"{"a":1}"#]);
-        assert_eq!(parse("application/json", r#"[{"a":1}, {"b":2}]"#).unwrap(), [r#"{"a":1}"#, r#"{"b":2}"#]);
+        assert_eq!(
+            parse("application/json", r#" {"a":1} "#).unwrap(),
+            [r#"{"a":1}"#]
+        );
+        assert_eq!(
+            parse("application/json", r#"[{"a":1}, {"b":2}]"#).unwrap(),
+            [r#"{"a":1}"#, r#"{"b":2}"#]
+        );
         assert_eq!(
             parse("application/x-ndjson", "{\"a\":1}\r\n\n  {\"b\":2}\n").unwrap(),
             [r#"{"a":1}"#, r#"{"b":2}"#]
@@ -314,7 +392,11 @@ mod tests {
         assert!(err.starts_with("line 3:"), "{err}");
         let err = parse("application/json", "{\n\"a\": 1,\n\"b\": nope\n}").unwrap_err();
         assert!(err.contains("line 3"), "{err}");
-        assert!(parse("application/json", "[1]").unwrap_err().contains("element 0"));
+        assert!(
+            parse("application/json", "[1]")
+                .unwrap_err()
+                .contains("element 0")
+        );
         assert!(parse("application/json", "42").is_err());
     }
 

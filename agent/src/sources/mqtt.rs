@@ -8,7 +8,10 @@
 
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions, Packet, Publish, QoS, SubscribeReasonCode, Transport};
+use rumqttc::{
+    AsyncClient, Event as MqttEvent, EventLoop, MqttOptions, Packet, Publish, QoS,
+    SubscribeReasonCode, Transport,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -16,6 +19,7 @@ use crate::config::MqttSourceConfig;
 use crate::event::{Event, now_ms};
 use crate::spool::SpoolError;
 use crate::transform::Ingest;
+use crate::transform::IngestError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
@@ -34,7 +38,11 @@ pub fn parse_broker_url(url: &str) -> Result<(String, u16, bool), String> {
     let tls = match parsed.scheme() {
         "mqtt" | "tcp" => false,
         "mqtts" | "ssl" => true,
-        other => return Err(format!("scheme `{other}` is not supported: use mqtt:// or mqtts://")),
+        other => {
+            return Err(format!(
+                "scheme `{other}` is not supported: use mqtt:// or mqtts://"
+            ));
+        }
     };
     let host = parsed
         .host_str()
@@ -113,7 +121,11 @@ impl MqttSource {
             rx,
             committer_done.clone(),
         ));
-        let qos = if self.config.qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+        let qos = if self.config.qos == 0 {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        };
         let conn = Connection {
             name: &self.name,
             topics: &self.config.topics,
@@ -159,7 +171,11 @@ impl Connection<'_> {
             match polled {
                 Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
                     failures = 0;
-                    tracing::info!(source = self.name, session_present = ack.session_present, "mqtt connected");
+                    tracing::info!(
+                        source = self.name,
+                        session_present = ack.session_present,
+                        "mqtt connected"
+                    );
                     let filters = self
                         .topics
                         .iter()
@@ -169,7 +185,11 @@ impl Connection<'_> {
                     }
                 }
                 Ok(MqttEvent::Incoming(Packet::SubAck(ack))) => {
-                    if ack.return_codes.iter().any(|c| matches!(c, SubscribeReasonCode::Failure)) {
+                    if ack
+                        .return_codes
+                        .iter()
+                        .any(|c| matches!(c, SubscribeReasonCode::Failure))
+                    {
                         tracing::error!(source = self.name, topics = ?self.topics, "broker refused a subscription; check the topic filters and ACLs");
                     } else {
                         tracing::info!(source = self.name, topics = ?self.topics, "mqtt subscribed");
@@ -177,10 +197,10 @@ impl Connection<'_> {
                 }
                 Ok(MqttEvent::Incoming(Packet::Publish(publish))) => {
                     // After shutdown began, unacked messages stay with the broker.
-                    if let Some(tx) = &tx {
-                        if tx.send(publish).await.is_err() {
-                            break;
-                        }
+                    if let Some(tx) = &tx
+                        && tx.send(publish).await.is_err()
+                    {
+                        break;
                     }
                 }
                 Ok(_) => {}
@@ -228,10 +248,10 @@ async fn commit_loop(
             .collect();
         commit(&source, &ingest, events).await;
         for publish in group.drain(..) {
-            if publish.qos != QoS::AtMostOnce {
-                if let Err(e) = client.ack(&publish).await {
-                    tracing::warn!(source, error = %e, "mqtt ack not sent; the broker will redeliver");
-                }
+            if publish.qos != QoS::AtMostOnce
+                && let Err(e) = client.ack(&publish).await
+            {
+                tracing::warn!(source, error = %e, "mqtt ack not sent; the broker will redeliver");
             }
         }
     }
@@ -250,9 +270,12 @@ async fn commit(source: &str, ingest: &Ingest, events: Vec<Event>) {
                 }
                 return;
             }
-            Err(SpoolError::Full) => {
+            Err(IngestError::Spool(SpoolError::Full)) => {
                 if !waited {
-                    tracing::warn!(source, "spool full: holding mqtt acks, the broker keeps the messages");
+                    tracing::warn!(
+                        source,
+                        "spool full: holding mqtt acks, the broker keeps the messages"
+                    );
                 }
                 ingest.space_freed(Duration::from_secs(1)).await;
             }
@@ -271,9 +294,19 @@ mod tests {
 
     #[test]
     fn broker_urls() {
-        assert_eq!(parse_broker_url("mqtt://127.0.0.1:1884").unwrap(), ("127.0.0.1".into(), 1884, false));
-        assert_eq!(parse_broker_url("mqtts://broker.example").unwrap(), ("broker.example".into(), 8883, true));
-        assert!(parse_broker_url("http://x:1").unwrap_err().contains("mqtt://"));
+        assert_eq!(
+            parse_broker_url("mqtt://127.0.0.1:1884").unwrap(),
+            ("127.0.0.1".into(), 1884, false)
+        );
+        assert_eq!(
+            parse_broker_url("mqtts://broker.example").unwrap(),
+            ("broker.example".into(), 8883, true)
+        );
+        assert!(
+            parse_broker_url("http://x:1")
+                .unwrap_err()
+                .contains("mqtt://")
+        );
         assert!(parse_broker_url("nonsense").is_err());
     }
 }

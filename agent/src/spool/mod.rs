@@ -8,6 +8,8 @@
 
 mod record;
 mod state;
+#[cfg(test)]
+mod tests;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
@@ -18,8 +20,8 @@ use tokio::sync::{Notify, oneshot};
 use crate::config::SpoolConfig;
 use crate::event::{Event, now_ms};
 pub use record::{DecodeError, decode, encode};
-pub use state::{AppendOutcome, BatchMeta, SinkStats};
 use state::SpoolState;
+pub use state::{AppendOutcome, BatchMeta, SinkStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -49,8 +51,7 @@ type KeyFn = Box<dyn FnOnce(&Event, u64) -> String + Send>;
 
 enum Command {
     Append {
-        sinks: Vec<SinkId>,
-        events: Vec<Event>,
+        groups: Vec<(Vec<SinkId>, Vec<Event>)>,
         reply: oneshot::Sender<Result<AppendOutcome, SpoolError>>,
     },
     Seal {
@@ -67,14 +68,27 @@ enum Command {
     },
 }
 
+enum Message {
+    Command(Command),
+    /// Flush and end the writer thread, releasing the database.
+    Close,
+}
+
 /// Answers computed while applying a group, sent after its flush.
 enum Reply {
-    Append(oneshot::Sender<Result<AppendOutcome, SpoolError>>, Result<AppendOutcome, SpoolError>),
+    Append(
+        oneshot::Sender<Result<AppendOutcome, SpoolError>>,
+        Result<AppendOutcome, SpoolError>,
+    ),
     Seal(
+        SinkId,
         oneshot::Sender<Result<Option<(BatchMeta, Vec<Event>)>, SpoolError>>,
         Result<Option<(BatchMeta, Vec<Event>)>, SpoolError>,
     ),
-    Complete(oneshot::Sender<Result<(), SpoolError>>, Result<(), SpoolError>),
+    Complete(
+        oneshot::Sender<Result<(), SpoolError>>,
+        Result<(), SpoolError>,
+    ),
 }
 
 struct SinkShared {
@@ -88,6 +102,8 @@ struct SinkShared {
 
 struct Shared {
     sinks: Vec<SinkShared>,
+    max_bytes: u64,
+    when_full: crate::config::WhenFull,
     bytes: Mutex<u64>,
     /// Woken after a commit frees space.
     space_freed: Notify,
@@ -97,8 +113,9 @@ struct Shared {
 #[derive(Clone)]
 pub struct Spool {
     shared: Arc<Shared>,
-    commands: mpsc::Sender<Command>,
+    commands: mpsc::Sender<Message>,
     db: sled::Db,
+    writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 /// Most commands applied under one flush; bounds reply latency under load.
@@ -109,14 +126,15 @@ impl Spool {
     /// `SinkId` `i` is `sinks[i]`.
     pub fn open(dir: &Path, sinks: &[String], config: &SpoolConfig) -> Result<Spool, SpoolError> {
         let path = dir.join("spool");
-        let db = sled::Config::new()
-            .path(&path)
-            .cache_capacity(32 * 1024 * 1024)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|source| SpoolError::Open { path: path.clone(), source })?;
+        let db = open_db(&path)?;
         let quarantine = dir.join("quarantine");
-        let state = SpoolState::open(&db, sinks, config.max_bytes.as_u64(), config.when_full, &quarantine)?;
+        let state = SpoolState::open(
+            &db,
+            sinks,
+            config.max_bytes.as_u64(),
+            config.when_full,
+            &quarantine,
+        )?;
         let mut shared_sinks = Vec::new();
         for (i, log) in state.sinks.iter().enumerate() {
             shared_sinks.push(SinkShared {
@@ -129,6 +147,8 @@ impl Spool {
         }
         let shared = Arc::new(Shared {
             sinks: shared_sinks,
+            max_bytes: config.max_bytes.as_u64(),
+            when_full: config.when_full,
             bytes: Mutex::new(state.bytes),
             space_freed: Notify::new(),
             quarantine,
@@ -136,11 +156,19 @@ impl Spool {
         let (commands, rx) = mpsc::channel();
         let writer_shared = shared.clone();
         let writer_db = db.clone();
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("silt-spool".into())
             .spawn(move || writer(state, writer_db, rx, writer_shared))
-            .map_err(|e| SpoolError::Open { path, source: sled::Error::Io(e) })?;
-        Ok(Spool { shared, commands, db })
+            .map_err(|e| SpoolError::Open {
+                path,
+                source: sled::Error::Io(e),
+            })?;
+        Ok(Spool {
+            shared,
+            commands,
+            db,
+            writer: Arc::new(Mutex::new(Some(writer))),
+        })
     }
 
     pub fn sink_id(&self, name: &str) -> Option<SinkId> {
@@ -152,12 +180,30 @@ impl Spool {
     }
 
     /// Stores events for the given sinks; returns once they are on disk.
-    pub async fn append(&self, sinks: &[SinkId], events: Vec<Event>) -> Result<AppendOutcome, SpoolError> {
-        if events.is_empty() || sinks.is_empty() {
+    pub async fn append(
+        &self,
+        sinks: &[SinkId],
+        events: Vec<Event>,
+    ) -> Result<AppendOutcome, SpoolError> {
+        self.append_groups(vec![(sinks.to_vec(), events)]).await
+    }
+
+    /// Stores several groups of events, each for its own sinks, as one unit:
+    /// all are stored or none (a transform chain may send different events
+    /// to different sinks, and a retry must not duplicate half of them).
+    pub async fn append_groups(
+        &self,
+        groups: Vec<(Vec<SinkId>, Vec<Event>)>,
+    ) -> Result<AppendOutcome, SpoolError> {
+        let groups: Vec<_> = groups
+            .into_iter()
+            .filter(|(sinks, events)| !sinks.is_empty() && !events.is_empty())
+            .collect();
+        if groups.is_empty() {
             return Ok(AppendOutcome::default());
         }
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Append { sinks: sinks.to_vec(), events, reply })?;
+        self.send(Command::Append { groups, reply })?;
         rx.await.map_err(|_| SpoolError::Closed)?
     }
 
@@ -170,7 +216,13 @@ impl Spool {
         key: impl FnOnce(&Event, u64) -> String + Send + 'static,
     ) -> Result<Option<(BatchMeta, Vec<Event>)>, SpoolError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Seal { sink, max_records, max_bytes, key: Box::new(key), reply })?;
+        self.send(Command::Seal {
+            sink,
+            max_records,
+            max_bytes,
+            key: Box::new(key),
+            reply,
+        })?;
         rx.await.map_err(|_| SpoolError::Closed)?
     }
 
@@ -182,13 +234,23 @@ impl Spool {
     }
 
     fn send(&self, command: Command) -> Result<(), SpoolError> {
-        self.commands.send(command).map_err(|_| SpoolError::Closed)
+        self.commands
+            .send(Message::Command(command))
+            .map_err(|_| SpoolError::Closed)
     }
 
     /// Batches sealed by an earlier run that still wait for upload, oldest first.
     /// Each is handed out once.
     pub fn take_pending(&self, sink: SinkId) -> Vec<BatchMeta> {
         std::mem::take(&mut *self.shared.sinks[sink].pending.lock().expect("lock"))
+    }
+
+    /// Puts batches taken with [`Spool::take_pending`] back, in front, when
+    /// they could not be handled now.
+    pub fn return_pending(&self, sink: SinkId, batches: Vec<BatchMeta>) {
+        let mut pending = self.shared.sinks[sink].pending.lock().expect("lock");
+        let later = std::mem::replace(&mut *pending, batches);
+        pending.extend(later);
     }
 
     /// The events of a sealed batch, read back from disk.
@@ -201,6 +263,12 @@ impl Spool {
         *self.shared.sinks[sink].stats.lock().expect("lock")
     }
 
+    /// Whether an append would be refused now (full, with the block policy).
+    pub fn refuses_appends(&self) -> bool {
+        self.shared.when_full == crate::config::WhenFull::Block
+            && self.bytes() >= self.shared.max_bytes
+    }
+
     /// Total encoded bytes held, across sinks.
     pub fn bytes(&self) -> u64 {
         *self.shared.bytes.lock().expect("lock")
@@ -208,7 +276,8 @@ impl Spool {
 
     /// Waits until a commit adds records for `sink` (or `timeout` passes).
     pub async fn records_added(&self, sink: SinkId, timeout: Duration) {
-        let _ = tokio::time::timeout(timeout, self.shared.sinks[sink].records_added.notified()).await;
+        let _ =
+            tokio::time::timeout(timeout, self.shared.sinks[sink].records_added.notified()).await;
     }
 
     /// Waits until a commit frees space (or `timeout` passes).
@@ -216,38 +285,87 @@ impl Spool {
         let _ = tokio::time::timeout(timeout, self.shared.space_freed.notified()).await;
     }
 
-    /// Flushes everything to disk; used at shutdown.
-    pub async fn flush(&self) -> Result<(), SpoolError> {
-        self.db.flush_async().await?;
+    /// Flushes everything, stops the writer and releases the database, so
+    /// the same directory can be opened again. Commands sent after this fail
+    /// with [`SpoolError::Closed`].
+    pub fn close(self) -> Result<(), SpoolError> {
+        let _ = self.commands.send(Message::Close);
+        if let Some(handle) = self.writer.lock().expect("lock").take() {
+            let _ = handle.join();
+        }
+        self.db.flush()?;
         Ok(())
     }
 }
 
-fn writer(mut state: SpoolState, db: sled::Db, rx: mpsc::Receiver<Command>, shared: Arc<Shared>) {
-    while let Ok(first) = rx.recv() {
+/// Opens sled, waiting briefly for the lock: sled's background threads of a
+/// database closed a moment ago (a restart in the same process) may still
+/// hold it.
+fn open_db(path: &Path) -> Result<sled::Db, SpoolError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let opened = sled::Config::new()
+            .path(path)
+            .cache_capacity(32 * 1024 * 1024)
+            .mode(sled::Mode::HighThroughput)
+            .open();
+        match opened {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => {
+                return other.map_err(|source| SpoolError::Open {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        }
+    }
+}
+
+fn writer(mut state: SpoolState, db: sled::Db, rx: mpsc::Receiver<Message>, shared: Arc<Shared>) {
+    let mut open = true;
+    while open {
+        let Ok(first) = rx.recv() else { break };
         let mut replies = Vec::new();
         let mut next = Some(first);
         while let Some(command) = next.take() {
-            replies.push(apply(&mut state, command));
-            if replies.len() < MAX_GROUP {
+            match command {
+                Message::Close => open = false,
+                Message::Command(command) => replies.push(apply(&mut state, command)),
+            }
+            if open && replies.len() < MAX_GROUP {
                 next = rx.try_recv().ok();
             }
         }
         let flushed = db.flush();
         publish(&state, &shared);
         for reply in replies {
-            send_reply(reply, flushed.as_ref().err());
+            send_reply(reply, flushed.as_ref().err(), &shared);
         }
     }
 }
 
 fn apply(state: &mut SpoolState, command: Command) -> Reply {
     match command {
-        Command::Append { sinks, events, reply } => Reply::Append(reply, state.append(&sinks, &events)),
-        Command::Seal { sink, max_records, max_bytes, key, reply } => {
-            Reply::Seal(reply, state.seal(sink, max_records, max_bytes, key, now_ms()))
+        Command::Append { groups, reply } => Reply::Append(reply, state.append(&groups)),
+        Command::Seal {
+            sink,
+            max_records,
+            max_bytes,
+            key,
+            reply,
+        } => Reply::Seal(
+            sink,
+            reply,
+            state.seal(sink, max_records, max_bytes, key, now_ms()),
+        ),
+        Command::Complete { sink, batch, reply } => {
+            Reply::Complete(reply, state.complete(sink, &batch))
         }
-        Command::Complete { sink, batch, reply } => Reply::Complete(reply, state.complete(sink, &batch)),
     }
 }
 
@@ -273,18 +391,33 @@ fn publish(state: &SpoolState, shared: &Shared) {
     }
 }
 
-fn send_reply(reply: Reply, flush_error: Option<&sled::Error>) {
-    // A failed flush fails every answer of the group: nothing in it is known durable.
-    let fail = || SpoolError::Storage(flush_error.cloned().expect("flush error"));
+fn send_reply(reply: Reply, flush_error: Option<&sled::Error>, shared: &Shared) {
     match reply {
-        Reply::Append(tx, r) => {
-            let _ = tx.send(if flush_error.is_some() { Err(fail()) } else { r });
+        Reply::Append(tx, r) => answer(tx, r, flush_error),
+        Reply::Seal(sink, tx, r) => {
+            // The batch is sealed in memory but not known durable; hand it
+            // out again so its records are not stranded until a restart.
+            if let (Some(_), Ok(Some((meta, _)))) = (flush_error, &r) {
+                shared.sinks[sink]
+                    .pending
+                    .lock()
+                    .expect("lock")
+                    .push(meta.clone());
+            }
+            answer(tx, r, flush_error)
         }
-        Reply::Seal(tx, r) => {
-            let _ = tx.send(if flush_error.is_some() { Err(fail()) } else { r });
-        }
-        Reply::Complete(tx, r) => {
-            let _ = tx.send(if flush_error.is_some() { Err(fail()) } else { r });
-        }
+        Reply::Complete(tx, r) => answer(tx, r, flush_error),
     }
+}
+
+/// A failed flush fails every answer of its group: nothing in it is known durable.
+fn answer<T>(
+    tx: oneshot::Sender<Result<T, SpoolError>>,
+    r: Result<T, SpoolError>,
+    flush_error: Option<&sled::Error>,
+) {
+    let _ = tx.send(match flush_error {
+        Some(e) => Err(SpoolError::Storage(e.clone())),
+        None => r,
+    });
 }

@@ -70,7 +70,9 @@ pub fn decode(raw: &[u8]) -> Result<Event, DecodeError> {
         return Err(DecodeError::Version(raw[4]));
     }
     let ts_ms = i64::from_le_bytes(raw[5..13].try_into().expect("8 bytes"));
-    let mut r = Reader { buf: &raw[HEADER..] };
+    let mut r = Reader {
+        buf: &raw[HEADER..],
+    };
     let topic = r.string("topic")?;
     let count = r.u32("attribute count")?;
     let mut attributes = Vec::with_capacity(count.min(1024) as usize);
@@ -133,7 +135,10 @@ mod tests {
         Event {
             ts_ms: 1_764_000_000_123,
             topic: "sensors/a/temp".into(),
-            attributes: vec![("site".into(), "berlin".into()), ("k".into(), String::new())],
+            attributes: vec![
+                ("site".into(), "berlin".into()),
+                ("k".into(), String::new()),
+            ],
             payload: Bytes::from_static(b"\x00\xff{\"t\":1}"),
         }
     }
@@ -160,7 +165,10 @@ mod tests {
     fn every_truncation_is_detected() {
         let raw = encode(&sample());
         for len in 0..raw.len() {
-            assert!(decode(&raw[..len]).is_err(), "truncation to {len} went unnoticed");
+            assert!(
+                decode(&raw[..len]).is_err(),
+                "truncation to {len} went unnoticed"
+            );
         }
     }
 }

@@ -118,7 +118,10 @@ impl SpoolState {
         let next_seq = stored_next(format!("next_seq/{name}"))?.max(last_record);
 
         let mut stats = SinkStats::default();
-        let mut unsealed_from = records.first()?.map(|(k, _)| from_be(&k)).unwrap_or(next_seq);
+        let mut unsealed_from = records
+            .first()?
+            .map(|(k, _)| from_be(&k))
+            .unwrap_or(next_seq);
         let mut last_batch = 0;
         for item in batches.iter() {
             let (k, v) = item?;
@@ -156,44 +159,61 @@ impl SpoolState {
     }
 
     /// Stores `events` for every sink in `sinks`, applying the full policy.
-    pub fn append(&mut self, sinks: &[usize], events: &[Event]) -> Result<AppendOutcome, SpoolError> {
-        let encoded: Vec<Vec<u8>> = events.iter().map(record::encode).collect();
-        let need: u64 = encoded.iter().map(|r| r.len() as u64).sum::<u64>() * sinks.len() as u64;
+    /// Stores each group's events for each of its sinks, all or nothing,
+    /// applying the full policy to the total.
+    pub fn append(
+        &mut self,
+        groups: &[(Vec<usize>, Vec<Event>)],
+    ) -> Result<AppendOutcome, SpoolError> {
+        let encoded: Vec<Vec<Vec<u8>>> = groups
+            .iter()
+            .map(|(_, events)| events.iter().map(record::encode).collect())
+            .collect();
+        let need: u64 = groups
+            .iter()
+            .zip(&encoded)
+            .map(|((sinks, _), raws)| {
+                raws.iter().map(|r| r.len() as u64).sum::<u64>() * sinks.len() as u64
+            })
+            .sum();
+        let count: usize = groups.iter().map(|(_, events)| events.len()).sum();
         let mut outcome = AppendOutcome::default();
         if self.bytes + need > self.max_bytes {
             match self.when_full {
                 WhenFull::Block => return Err(SpoolError::Full),
                 WhenFull::DropNewest => {
-                    outcome.dropped_new = events.len();
+                    outcome.dropped_new = count;
                     return Ok(outcome);
                 }
                 WhenFull::DropOldest => {
                     outcome.dropped_old = self.drop_oldest(self.bytes + need - self.max_bytes)?;
                     if self.bytes + need > self.max_bytes {
-                        outcome.dropped_new = events.len();
+                        outcome.dropped_new = count;
                         return Ok(outcome);
                     }
                 }
             }
         }
-        for &sink in sinks {
-            let log = &mut self.sinks[sink];
-            let mut batch = sled::Batch::default();
-            for raw in &encoded {
-                batch.insert(&be(log.next_seq), raw.as_slice());
-                log.next_seq += 1;
-                log.stats.unsealed_records += 1;
-                log.stats.unsealed_bytes += raw.len() as u64;
+        for ((sinks, events), raws) in groups.iter().zip(&encoded) {
+            for &sink in sinks {
+                let log = &mut self.sinks[sink];
+                let mut batch = sled::Batch::default();
+                for raw in raws {
+                    batch.insert(&be(log.next_seq), raw.as_slice());
+                    log.next_seq += 1;
+                    log.stats.unsealed_records += 1;
+                    log.stats.unsealed_bytes += raw.len() as u64;
+                }
+                if log.stats.oldest_unsealed_ms.is_none() {
+                    log.stats.oldest_unsealed_ms = events.first().map(|e| e.ts_ms);
+                }
+                log.records.apply_batch(batch)?;
+                self.meta
+                    .insert(format!("next_seq/{}", log.name), &be(log.next_seq))?;
             }
-            if log.stats.oldest_unsealed_ms.is_none() {
-                log.stats.oldest_unsealed_ms = events.first().map(|e| e.ts_ms);
-            }
-            log.records.apply_batch(batch)?;
-            self.meta
-                .insert(format!("next_seq/{}", log.name), &be(log.next_seq))?;
         }
         self.bytes += need;
-        outcome.stored = events.len();
+        outcome.stored = count;
         Ok(outcome)
     }
 
@@ -211,7 +231,12 @@ impl SpoolState {
             else {
                 break;
             };
-            let Some((k, v)) = log.records.range(be(log.unsealed_from)..).next().transpose()? else {
+            let Some((k, v)) = log
+                .records
+                .range(be(log.unsealed_from)..)
+                .next()
+                .transpose()?
+            else {
                 break;
             };
             log.records.remove(&k)?;
@@ -271,7 +296,10 @@ impl SpoolState {
             bytes,
             sealed_ms: now_ms,
         };
-        log.batches.insert(be(meta.seq), serde_json::to_vec(&meta).expect("serialisable"))?;
+        log.batches.insert(
+            be(meta.seq),
+            serde_json::to_vec(&meta).expect("serialisable"),
+        )?;
         log.next_batch += 1;
         self.meta
             .insert(format!("next_batch/{}", log.name), &be(log.next_batch))?;
@@ -355,7 +383,11 @@ fn quarantine(dir: &Path, sink: &str, seq: u64, err: &record::DecodeError, raw: 
     let path = dir.join(format!("{sink}-{seq:020}.bin"));
     let written = std::fs::create_dir_all(dir).and_then(|_| std::fs::write(&path, raw));
     match written {
-        Ok(()) => tracing::warn!(sink, seq, error = %err, path = %path.display(), "corrupt spool record quarantined"),
-        Err(io) => tracing::warn!(sink, seq, error = %err, io = %io, "corrupt spool record skipped; writing the quarantine file failed"),
+        Ok(()) => {
+            tracing::warn!(sink, seq, error = %err, path = %path.display(), "corrupt spool record quarantined")
+        }
+        Err(io) => {
+            tracing::warn!(sink, seq, error = %err, io = %io, "corrupt spool record skipped; writing the quarantine file failed")
+        }
     }
 }

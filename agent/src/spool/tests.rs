@@ -1,0 +1,283 @@
+use std::collections::VecDeque;
+
+use bytesize::ByteSize;
+use proptest::prelude::*;
+
+use super::*;
+use crate::config::WhenFull;
+
+fn config(max_bytes: u64, when_full: WhenFull) -> SpoolConfig {
+    SpoolConfig {
+        max_bytes: ByteSize::b(max_bytes),
+        when_full,
+    }
+}
+
+fn sinks() -> Vec<String> {
+    vec!["a".to_string(), "b".to_string()]
+}
+
+fn ev(ts: i64, payload: &[u8]) -> Event {
+    Event::new(ts, "t", payload.to_vec())
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn seal_all(spool: &Spool, sink: SinkId) -> Option<(BatchMeta, Vec<Event>)> {
+    spool
+        .seal(sink, u64::MAX, u64::MAX, |_, seq| format!("k{seq}"))
+        .await
+        .unwrap()
+}
+
+#[test]
+fn block_policy_refuses_when_full_and_accepts_after_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = encode(&ev(0, &[0; 100])).len() as u64;
+    let spool = Spool::open(dir.path(), &sinks(), &config(one * 3, WhenFull::Block)).unwrap();
+    rt().block_on(async {
+        let out = spool
+            .append(&[0], vec![ev(1, &[0; 100]), ev(2, &[0; 100])])
+            .await
+            .unwrap();
+        assert_eq!(out.stored, 2);
+        let err = spool
+            .append(&[0], vec![ev(3, &[0; 100]), ev(4, &[0; 100])])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SpoolError::Full), "{err}");
+        let (meta, events) = seal_all(&spool, 0).await.unwrap();
+        assert_eq!(events.len(), 2);
+        spool.complete(0, meta).await.unwrap();
+        assert_eq!(spool.bytes(), 0);
+        let out = spool
+            .append(&[0], vec![ev(3, &[0; 100]), ev(4, &[0; 100])])
+            .await
+            .unwrap();
+        assert_eq!(out.stored, 2);
+    });
+}
+
+#[test]
+fn drop_newest_counts_and_keeps_what_was_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = encode(&ev(0, &[0; 100])).len() as u64;
+    let spool = Spool::open(dir.path(), &sinks(), &config(one * 2, WhenFull::DropNewest)).unwrap();
+    rt().block_on(async {
+        spool
+            .append(&[0], vec![ev(1, &[0; 100]), ev(2, &[0; 100])])
+            .await
+            .unwrap();
+        let out = spool.append(&[0], vec![ev(3, &[0; 100])]).await.unwrap();
+        assert_eq!((out.stored, out.dropped_new, out.dropped_old), (0, 1, 0));
+        let (_, events) = seal_all(&spool, 0).await.unwrap();
+        let ts: Vec<i64> = events.iter().map(|e| e.ts_ms).collect();
+        assert_eq!(ts, [1, 2]);
+    });
+}
+
+#[test]
+fn drop_oldest_removes_the_oldest_unsealed_records_across_sinks() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = encode(&ev(0, &[0; 100])).len() as u64;
+    let spool = Spool::open(dir.path(), &sinks(), &config(one * 3, WhenFull::DropOldest)).unwrap();
+    rt().block_on(async {
+        spool.append(&[1], vec![ev(1, &[0; 100])]).await.unwrap();
+        spool
+            .append(&[0], vec![ev(2, &[0; 100]), ev(3, &[0; 100])])
+            .await
+            .unwrap();
+        let out = spool
+            .append(&[0], vec![ev(4, &[0; 100]), ev(5, &[0; 100])])
+            .await
+            .unwrap();
+        assert_eq!((out.stored, out.dropped_old), (2, 2));
+        assert!(spool.bytes() <= one * 3);
+        assert!(
+            seal_all(&spool, 1).await.is_none(),
+            "sink b's older record was dropped"
+        );
+        let (_, events) = seal_all(&spool, 0).await.unwrap();
+        let ts: Vec<i64> = events.iter().map(|e| e.ts_ms).collect();
+        assert_eq!(ts, [3, 4, 5]);
+    });
+}
+
+#[test]
+fn corrupt_record_is_quarantined_and_the_rest_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), &sinks(), &config(1 << 30, WhenFull::Block)).unwrap();
+    rt().block_on(async {
+        spool
+            .append(&[0], vec![ev(1, b"one"), ev(2, b"two"), ev(3, b"three")])
+            .await
+            .unwrap();
+    });
+    let tree = spool.shared.sinks[0].records.clone();
+    let (key, value) = tree.iter().nth(1).unwrap().unwrap();
+    let mut bad = value.to_vec();
+    let last = bad.len() - 1;
+    bad[last] ^= 0xff;
+    tree.insert(key, bad).unwrap();
+    drop(tree);
+    spool.close().unwrap();
+
+    let spool = Spool::open(dir.path(), &sinks(), &config(1 << 30, WhenFull::Block)).unwrap();
+    rt().block_on(async {
+        let (meta, events) = seal_all(&spool, 0).await.unwrap();
+        let payloads: Vec<&[u8]> = events.iter().map(|e| e.payload.as_ref()).collect();
+        assert_eq!(payloads, [b"one".as_slice(), b"three".as_slice()]);
+        assert_eq!(meta.records, 2);
+        spool.complete(0, meta).await.unwrap();
+    });
+    let quarantined: Vec<_> = std::fs::read_dir(dir.path().join("quarantine"))
+        .unwrap()
+        .collect();
+    assert_eq!(quarantined.len(), 1);
+    assert_eq!(spool.bytes(), 0);
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Append {
+        sinks: Vec<SinkId>,
+        payloads: Vec<Vec<u8>>,
+    },
+    Seal {
+        sink: SinkId,
+        max_records: u64,
+    },
+    Complete {
+        sink: SinkId,
+    },
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (
+            prop_oneof![Just(vec![0]), Just(vec![1]), Just(vec![0, 1])],
+            prop::collection::vec(prop::collection::vec(any::<u8>(), 0..48), 1..6)
+        )
+            .prop_map(|(sinks, payloads)| Op::Append { sinks, payloads }),
+        2 => (0..2usize, 1..6u64).prop_map(|(sink, max_records)| Op::Seal { sink, max_records }),
+        2 => (0..2usize).prop_map(|sink| Op::Complete { sink }),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+#[derive(Default)]
+struct ModelSink {
+    unsealed: VecDeque<Event>,
+    sealed: VecDeque<(BatchMeta, Vec<Event>)>,
+    last_batch_seq: Option<u64>,
+}
+
+fn check(spool: &Spool, model: &[ModelSink]) {
+    for (sink, m) in model.iter().enumerate() {
+        let stats = spool.stats(sink);
+        assert_eq!(
+            stats.unsealed_records,
+            m.unsealed.len() as u64,
+            "unsealed records of sink {sink}"
+        );
+        let unsealed_bytes: u64 = m.unsealed.iter().map(|e| encode(e).len() as u64).sum();
+        assert_eq!(
+            stats.unsealed_bytes, unsealed_bytes,
+            "unsealed bytes of sink {sink}"
+        );
+        assert_eq!(
+            stats.oldest_unsealed_ms,
+            m.unsealed.front().map(|e| e.ts_ms)
+        );
+        assert_eq!(
+            stats.sealed_batches,
+            m.sealed.len() as u64,
+            "sealed batches of sink {sink}"
+        );
+        for (meta, events) in &m.sealed {
+            assert_eq!(
+                &spool.load_batch(sink, meta).unwrap(),
+                events,
+                "batch {} of sink {sink}",
+                meta.seq
+            );
+        }
+    }
+    let total: u64 = model
+        .iter()
+        .flat_map(|m| {
+            m.unsealed
+                .iter()
+                .chain(m.sealed.iter().flat_map(|(_, e)| e))
+        })
+        .map(|e| encode(e).len() as u64)
+        .sum();
+    assert_eq!(spool.bytes(), total);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// The spool against an in-memory model: random appends, seals,
+    /// completions and restarts, compared after every step. A restart must
+    /// hand back exactly the sealed batches, in order, under the same keys,
+    /// and batch numbers never go backwards.
+    #[test]
+    fn spool_matches_model(ops in prop::collection::vec(op(), 1..40)) {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(1 << 30, WhenFull::Block);
+        let mut spool = Spool::open(dir.path(), &sinks(), &cfg).unwrap();
+        let mut model = vec![ModelSink::default(), ModelSink::default()];
+        let mut ts = 0;
+        let rt = rt();
+        for op in ops {
+            match op {
+                Op::Append { sinks, payloads } => {
+                    let events: Vec<Event> = payloads.iter().map(|p| { ts += 1; ev(ts, p) }).collect();
+                    let out = rt.block_on(spool.append(&sinks, events.clone())).unwrap();
+                    prop_assert_eq!(out.stored, events.len());
+                    for s in sinks {
+                        model[s].unsealed.extend(events.iter().cloned());
+                    }
+                }
+                Op::Seal { sink, max_records } => {
+                    let sealed = rt.block_on(spool.seal(sink, max_records, u64::MAX, |_, seq| format!("k{seq}"))).unwrap();
+                    let m = &mut model[sink];
+                    let take = (max_records as usize).min(m.unsealed.len());
+                    let expect: Vec<Event> = m.unsealed.drain(..take).collect();
+                    match sealed {
+                        None => prop_assert!(expect.is_empty()),
+                        Some((meta, events)) => {
+                            prop_assert_eq!(&events, &expect);
+                            prop_assert_eq!(&meta.key, &format!("k{}", meta.seq));
+                            prop_assert!(m.last_batch_seq.is_none_or(|last| meta.seq > last), "batch sequence went backwards");
+                            m.last_batch_seq = Some(meta.seq);
+                            m.sealed.push_back((meta, events));
+                        }
+                    }
+                }
+                Op::Complete { sink } => {
+                    if let Some((meta, _)) = model[sink].sealed.pop_front() {
+                        rt.block_on(spool.complete(sink, meta)).unwrap();
+                    }
+                }
+                Op::Reopen => {
+                    spool.close().unwrap();
+                    spool = Spool::open(dir.path(), &sinks(), &cfg).unwrap();
+                    for (sink, m) in model.iter().enumerate() {
+                        let pending = spool.take_pending(sink);
+                        let expect: Vec<BatchMeta> = m.sealed.iter().map(|(meta, _)| meta.clone()).collect();
+                        prop_assert_eq!(pending, expect);
+                    }
+                }
+            }
+            check(&spool, &model);
+        }
+    }
+}

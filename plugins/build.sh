@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Build every plugin in this workspace to a WebAssembly component:
+#
+#     plugins/build.sh           # build; prints the output directory
+#     plugins/build.sh --test    # also run the SDK's and plugins' host unit tests
+#
+# Output: plugins/target/wasm/<plugin>.wasm (stable path; tests and CI use it).
+#
+# Toolchain, first that works:
+#   1. rustup with the wasm32-wasip2 target installed: plain cargo.
+#   2. Debian's Rust (rustc-web, 1.96) building std from source for
+#      wasm32-wasip2 against Debian's wasi-libc, linked by wasm-component-ld
+#      (installed with cargo into $SILT_TOOLS) driving lld-22's wasm-ld.
+#      Needed because rustup here cannot download targets.
+# Missing pieces are installed (apt needs root). Re-running is cheap: cargo
+# does nothing when sources are unchanged (~1 s).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$here"
+out_dir="$here/target/wasm"
+target=wasm32-wasip2
+tools="${SILT_TOOLS:-$HOME/.cache/silt/tools}"
+run_tests=0
+for arg in "$@"; do
+    case "$arg" in
+    --test) run_tests=1 ;;
+    -h | --help)
+        sed -n '2,16p' "$0"
+        exit 0
+        ;;
+    *)
+        echo "build.sh: unknown argument '$arg' (try --help)" >&2
+        exit 2
+        ;;
+    esac
+done
+
+log() { echo "build.sh: $*" >&2; }
+die() {
+    log "error: $*"
+    exit 1
+}
+
+have_rustup_target() {
+    command -v rustup >/dev/null 2>&1 &&
+        rustup target list --installed 2>/dev/null | grep -qx "$target"
+}
+
+ensure_debian_toolchain() {
+    local pkgs=(rustc-web cargo-web rust-web-src wasi-libc lld-22) missing=()
+    for p in "${pkgs[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+    done
+    if ((${#missing[@]})); then
+        [[ $(id -u) -eq 0 ]] || die "missing Debian packages ${missing[*]}; run as root or: sudo apt-get install -y ${missing[*]}"
+        log "installing ${missing[*]} (apt)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+    [[ -x /usr/lib/llvm-22/bin/wasm-ld ]] || die "lld-22 is installed but /usr/lib/llvm-22/bin/wasm-ld is missing"
+    [[ -d /usr/lib/wasm32-wasi ]] || die "wasi-libc is installed but /usr/lib/wasm32-wasi is missing"
+
+    if [[ ! -x "$tools/bin/wasm-component-ld" ]]; then
+        log "installing wasm-component-ld into $tools (cargo install, ~1 min)"
+        # Host cargo (rustup's if present): this is a native tool.
+        cargo install --quiet --locked --root "$tools" wasm-component-ld ||
+            die "cargo install wasm-component-ld failed; check access to crates.io"
+    fi
+}
+
+build_rustup() {
+    log "toolchain: rustup ($target installed)"
+    cargo build --release --target "$target"
+}
+
+build_debian() {
+    ensure_debian_toolchain
+    log "toolchain: Debian rustc $(/usr/bin/rustc --version | cut -d' ' -f2) with -Zbuild-std"
+    # Debian's std sources only build with Debian's compiler, and build-std is
+    # nightly-only, hence RUSTC_BOOTSTRAP. The linker flags point rustc at the
+    # system wasi-libc instead of the self-contained copy Debian doesn't ship.
+    env PATH="/usr/lib/llvm-22/bin:$tools/bin:$PATH" \
+        RUSTC=/usr/bin/rustc \
+        RUSTDOC=/usr/bin/rustdoc \
+        RUSTC_BOOTSTRAP=1 \
+        CARGO_TARGET_WASM32_WASIP2_LINKER=wasm-component-ld \
+        RUSTFLAGS="-L/usr/lib/wasm32-wasi -Clink-self-contained=no" \
+        /usr/bin/cargo build --release --target "$target" -Zbuild-std=std,panic_abort
+}
+
+start=$SECONDS
+if have_rustup_target; then
+    build_rustup
+else
+    build_debian
+fi
+
+# Plugins are the members that build a cdylib; cargo names the file after the
+# crate with '-' turned into '_', we publish it under the package name.
+mkdir -p "$out_dir"
+built=()
+for manifest in */Cargo.toml; do
+    grep -q '"cdylib"' "$manifest" || continue
+    name="$(dirname "$manifest")"
+    src="target/$target/release/${name//-/_}.wasm"
+    [[ -f "$src" ]] || die "cargo succeeded but $src is missing"
+    dst="$out_dir/$name.wasm"
+    if ! cmp -s "$src" "$dst"; then
+        # Copy then rename so a concurrently starting test never loads half a file.
+        cp "$src" "$dst.tmp.$$" && mv -f "$dst.tmp.$$" "$dst"
+    fi
+    built+=("$name")
+done
+log "built ${#built[@]} plugins in $((SECONDS - start)) s: ${built[*]}"
+
+if ((run_tests)); then
+    log "host unit tests: sdk"
+    (cd "$here/../sdk" && cargo test --quiet)
+    log "host unit tests: plugins"
+    cargo test --quiet
+fi
+
+echo "$out_dir"
