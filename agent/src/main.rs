@@ -31,10 +31,41 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Inspect the spool of a stopped agent.
+    Spool {
+        #[command(subcommand)]
+        command: SpoolCommand,
+    },
     /// Work with WebAssembly transform plugins.
     Plugin {
         #[command(subcommand)]
         command: PluginCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SpoolCommand {
+    /// Backlog per sink: records, bytes, sealed batches, oldest age.
+    Stats {
+        /// The agent's data_dir.
+        #[arg(short, long)]
+        data_dir: PathBuf,
+    },
+    /// Verify every record's checksum and every sealed batch.
+    Check {
+        #[arg(short, long)]
+        data_dir: PathBuf,
+        /// Move corrupt entries to <data_dir>/quarantine and remove them.
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Print pending records as NDJSON.
+    Export {
+        #[arg(short, long)]
+        data_dir: PathBuf,
+        /// Only this sink's records.
+        #[arg(long)]
+        sink: Option<String>,
     },
 }
 
@@ -66,6 +97,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => run(config),
         Command::Check { config } => check(config),
+        Command::Spool { command } => spool(command),
         Command::Plugin {
             command:
                 PluginCommand::Test {
@@ -87,6 +119,40 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn spool(command: SpoolCommand) -> anyhow::Result<()> {
+    use silt::spool::inspect;
+    let mut out = std::io::stdout().lock();
+    match command {
+        SpoolCommand::Stats { data_dir } => {
+            inspect::print_stats(&inspect::stats(&data_dir)?, &mut out)?
+        }
+        SpoolCommand::Check { data_dir, repair } => {
+            let report = inspect::check(&data_dir, repair)?;
+            for problem in &report.problems {
+                println!("{problem}");
+            }
+            println!(
+                "checked {} records and {} sealed batches: {} problems, {} repaired",
+                report.records,
+                report.batches,
+                report.problems.len(),
+                report.repaired
+            );
+            if report.problems.len() as u64 > report.repaired {
+                anyhow::bail!(
+                    "the spool has corrupt entries; run `silt spool check --repair -d {}`",
+                    data_dir.display()
+                );
+            }
+        }
+        SpoolCommand::Export { data_dir, sink } => {
+            let n = inspect::export(&data_dir, sink.as_deref(), &mut out)?;
+            eprintln!("exported {n} records");
+        }
+    }
+    Ok(())
 }
 
 fn check(path: PathBuf) -> anyhow::Result<()> {

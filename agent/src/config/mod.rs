@@ -92,6 +92,10 @@ pub struct SpoolConfig {
     pub max_bytes: ByteSize,
     #[serde(default)]
     pub when_full: WhenFull,
+    /// Free disk space to leave on the filesystem of `data_dir`; below it the
+    /// spool counts as full, so the disk never fills up under sled.
+    #[serde(default = "default_min_free")]
+    pub min_free: ByteSize,
 }
 
 impl Default for SpoolConfig {
@@ -99,8 +103,13 @@ impl Default for SpoolConfig {
         SpoolConfig {
             max_bytes: default_spool_max_bytes(),
             when_full: WhenFull::default(),
+            min_free: default_min_free(),
         }
     }
+}
+
+fn default_min_free() -> ByteSize {
+    ByteSize::mib(64)
 }
 
 fn default_spool_max_bytes() -> ByteSize {

@@ -39,7 +39,7 @@ mod dead_letter;
 mod engine;
 mod error;
 mod instance;
-mod ndjson;
+pub(crate) mod ndjson;
 
 pub use dead_letter::DeadLetter;
 pub use engine::PluginEngine;

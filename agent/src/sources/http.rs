@@ -19,9 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::HttpSourceConfig;
 use crate::event::{Event, now_ms};
-use crate::spool::SpoolError;
 use crate::transform::Ingest;
-use crate::transform::IngestError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -213,9 +211,11 @@ impl Handler {
                 json_reply(StatusCode::ACCEPTED, body)
             }
             Err(e) => {
-                let status = match e {
-                    IngestError::Spool(SpoolError::Full) => StatusCode::SERVICE_UNAVAILABLE,
-                    _ => StatusCode::INTERNAL_SERVER_ERROR,
+                // A full spool or a failing disk are both "try again later".
+                let status = if e.is_retryable() {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::INTERNAL_SERVER_ERROR
                 };
                 if status == StatusCode::INTERNAL_SERVER_ERROR {
                     tracing::error!(source = %self.name, error = %e, "http events not committed");

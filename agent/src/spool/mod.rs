@@ -6,6 +6,7 @@
 //! once (group commit: one fsync for many appends), and only then answers.
 //! An answer therefore always means "on disk".
 
+pub mod inspect;
 mod record;
 mod state;
 #[cfg(test)]
@@ -126,15 +127,33 @@ impl Spool {
     /// `SinkId` `i` is `sinks[i]`.
     pub fn open(dir: &Path, sinks: &[String], config: &SpoolConfig) -> Result<Spool, SpoolError> {
         let path = dir.join("spool");
-        let db = open_db(&path)?;
+        let db = match open_db(&path) {
+            Err(SpoolError::Open {
+                source: sled::Error::Corruption { .. },
+                ..
+            }) => {
+                // sled recovers torn tails itself; damage it cannot recover
+                // must not keep the device from collecting new data.
+                let aside = dir.join("quarantine").join(format!("spool-{}", now_ms()));
+                std::fs::create_dir_all(dir.join("quarantine"))
+                    .and_then(|_| std::fs::rename(&path, &aside))
+                    .map_err(|e| SpoolError::Open {
+                        path: path.clone(),
+                        source: sled::Error::Io(e),
+                    })?;
+                tracing::error!(moved_to = %aside.display(), "spool database is corrupt beyond recovery; moved aside, starting an empty spool");
+                open_db(&path)?
+            }
+            other => other?,
+        };
         let quarantine = dir.join("quarantine");
-        let state = SpoolState::open(
-            &db,
-            sinks,
-            config.max_bytes.as_u64(),
-            config.when_full,
-            &quarantine,
-        )?;
+        let limits = state::Limits {
+            max_bytes: config.max_bytes.as_u64(),
+            when_full: config.when_full,
+            min_free: config.min_free.as_u64(),
+            dir: dir.to_path_buf(),
+        };
+        let state = SpoolState::open(&db, sinks, limits, &quarantine)?;
         let mut shared_sinks = Vec::new();
         for (i, log) in state.sinks.iter().enumerate() {
             shared_sinks.push(SinkShared {

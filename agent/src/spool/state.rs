@@ -66,12 +66,30 @@ pub(super) struct SinkLog {
     pub stats: SinkStats,
 }
 
+/// When the spool counts as full.
+#[derive(Debug, Clone)]
+pub(super) struct Limits {
+    pub max_bytes: u64,
+    pub when_full: WhenFull,
+    /// Free bytes to leave on the filesystem holding `dir`.
+    pub min_free: u64,
+    pub dir: PathBuf,
+}
+
+impl Limits {
+    /// Whether writing `need` more bytes would dip under the free-disk floor.
+    fn disk_short(&self, need: u64) -> bool {
+        self.min_free > 0
+            && fs2::available_space(&self.dir)
+                .is_ok_and(|free| free < self.min_free.saturating_add(need))
+    }
+}
+
 pub(super) struct SpoolState {
     meta: sled::Tree,
     pub sinks: Vec<SinkLog>,
     pub bytes: u64,
-    max_bytes: u64,
-    when_full: WhenFull,
+    limits: Limits,
     quarantine: PathBuf,
 }
 
@@ -87,8 +105,7 @@ impl SpoolState {
     pub fn open(
         db: &sled::Db,
         sink_names: &[String],
-        max_bytes: u64,
-        when_full: WhenFull,
+        limits: Limits,
         quarantine: &Path,
     ) -> Result<SpoolState, SpoolError> {
         let meta = db.open_tree("meta")?;
@@ -96,8 +113,7 @@ impl SpoolState {
             meta,
             sinks: Vec::new(),
             bytes: 0,
-            max_bytes,
-            when_full,
+            limits,
             quarantine: quarantine.to_path_buf(),
         };
         for name in sink_names {
@@ -125,7 +141,21 @@ impl SpoolState {
         let mut last_batch = 0;
         for item in batches.iter() {
             let (k, v) = item?;
-            let meta = self.decode_meta(name, &k, &v)?;
+            let meta = match self.decode_meta(name, &k, &v) {
+                Ok(meta) => meta,
+                Err(e) => {
+                    // Its records become unsealed again and go out in a new
+                    // batch: possibly a second copy, never a loss.
+                    tracing::warn!(sink = name, error = %e, "corrupt sealed batch record; its events will be batched again");
+                    quarantine_raw(
+                        &self.quarantine,
+                        &format!("{name}-batch-{:020}.bin", from_be(&k)),
+                        &v,
+                    );
+                    batches.remove(&k)?;
+                    continue;
+                }
+            };
             stats.sealed_batches += 1;
             stats.sealed_bytes += meta.bytes;
             unsealed_from = unsealed_from.max(meta.last + 1);
@@ -152,9 +182,9 @@ impl SpoolState {
     }
 
     fn decode_meta(&self, sink: &str, key: &[u8], value: &[u8]) -> Result<BatchMeta, SpoolError> {
-        serde_json::from_slice(value).map_err(|e| SpoolError::Corrupt {
+        decode_meta(value).map_err(|detail| SpoolError::Corrupt {
             what: format!("sealed batch {} of sink {sink}", from_be(key)),
-            detail: e.to_string(),
+            detail,
         })
     }
 
@@ -178,16 +208,24 @@ impl SpoolState {
             .sum();
         let count: usize = groups.iter().map(|(_, events)| events.len()).sum();
         let mut outcome = AppendOutcome::default();
-        if self.bytes + need > self.max_bytes {
-            match self.when_full {
+        let over_cap = (self.bytes + need).saturating_sub(self.limits.max_bytes);
+        let disk_short = self.limits.disk_short(need);
+        if over_cap > 0 || disk_short {
+            match self.limits.when_full {
                 WhenFull::Block => return Err(SpoolError::Full),
                 WhenFull::DropNewest => {
                     outcome.dropped_new = count;
                     return Ok(outcome);
                 }
                 WhenFull::DropOldest => {
-                    outcome.dropped_old = self.drop_oldest(self.bytes + need - self.max_bytes)?;
-                    if self.bytes + need > self.max_bytes {
+                    let want = if disk_short {
+                        over_cap.max(need)
+                    } else {
+                        over_cap
+                    };
+                    let (dropped, freed) = self.drop_oldest(want)?;
+                    outcome.dropped_old = dropped;
+                    if freed < want {
                         outcome.dropped_new = count;
                         return Ok(outcome);
                     }
@@ -219,7 +257,7 @@ impl SpoolState {
 
     /// Removes the globally oldest unsealed records until `want` bytes are
     /// free. Sealed batches are never touched: their objects may be mid-upload.
-    fn drop_oldest(&mut self, want: u64) -> Result<u64, SpoolError> {
+    fn drop_oldest(&mut self, want: u64) -> Result<(u64, u64), SpoolError> {
         let mut freed = 0;
         let mut dropped = 0;
         while freed < want {
@@ -248,7 +286,7 @@ impl SpoolState {
             dropped += 1;
         }
         self.bytes -= freed;
-        Ok(dropped)
+        Ok((dropped, freed))
     }
 
     /// Closes the next batch of `sink` (up to the limits) and returns it with
@@ -296,10 +334,7 @@ impl SpoolState {
             bytes,
             sealed_ms: now_ms,
         };
-        log.batches.insert(
-            be(meta.seq),
-            serde_json::to_vec(&meta).expect("serialisable"),
-        )?;
+        log.batches.insert(be(meta.seq), encode_meta(&meta))?;
         log.next_batch += 1;
         self.meta
             .insert(format!("next_batch/{}", log.name), &be(log.next_batch))?;
@@ -374,6 +409,29 @@ pub(super) fn load_batch(
 impl SpoolState {
     pub fn records_tree(&self, sink: usize) -> sled::Tree {
         self.sinks[sink].records.clone()
+    }
+}
+
+/// A sealed batch as stored: `crc32 u32 LE | JSON`.
+fn encode_meta(meta: &BatchMeta) -> Vec<u8> {
+    let json = serde_json::to_vec(meta).expect("serialisable");
+    let mut out = crc32fast::hash(&json).to_le_bytes().to_vec();
+    out.extend_from_slice(&json);
+    out
+}
+
+pub(super) fn decode_meta(raw: &[u8]) -> Result<BatchMeta, String> {
+    let (crc, json) = raw.split_at_checked(4).ok_or("shorter than its checksum")?;
+    if crc32fast::hash(json).to_le_bytes() != crc {
+        return Err("checksum mismatch".into());
+    }
+    serde_json::from_slice(json).map_err(|e| e.to_string())
+}
+
+fn quarantine_raw(dir: &Path, name: &str, raw: &[u8]) {
+    let path = dir.join(name);
+    if let Err(e) = std::fs::create_dir_all(dir).and_then(|_| std::fs::write(&path, raw)) {
+        tracing::warn!(path = %path.display(), error = %e, "writing a quarantine file failed");
     }
 }
 

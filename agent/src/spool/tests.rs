@@ -10,6 +10,7 @@ fn config(max_bytes: u64, when_full: WhenFull) -> SpoolConfig {
     SpoolConfig {
         max_bytes: ByteSize::b(max_bytes),
         when_full,
+        min_free: ByteSize::b(0),
     }
 }
 
@@ -140,6 +141,18 @@ fn corrupt_record_is_quarantined_and_the_rest_is_kept() {
         .collect();
     assert_eq!(quarantined.len(), 1);
     assert_eq!(spool.bytes(), 0);
+}
+
+#[test]
+fn free_disk_floor_counts_as_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(1 << 30, WhenFull::Block);
+    cfg.min_free = ByteSize::b(u64::MAX / 2);
+    let spool = Spool::open(dir.path(), &sinks(), &cfg).unwrap();
+    let err = rt()
+        .block_on(spool.append(&[0], vec![ev(1, b"x")]))
+        .unwrap_err();
+    assert!(matches!(err, SpoolError::Full), "{err}");
 }
 
 #[derive(Debug, Clone)]
