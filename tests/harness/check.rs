@@ -127,7 +127,7 @@ impl Verdict {
                         format!("binary payload differs (len {} vs {})", a.len(), b.len())
                     }
                     (Body::Json(a), Body::Json(b)) => {
-                        format!("JSON payload differs: {} vs {}", trunc(a), trunc(b))
+                        format!("JSON payload differs: {}", json_diff(a, b, "payload"))
                     }
                 });
             }
@@ -246,6 +246,35 @@ fn group_missing(ids: &[String]) -> Vec<String> {
         .collect();
     out.extend(ids.iter().take(12).cloned());
     out
+}
+
+/// First difference between two JSON values, as `path: got vs want`.
+fn json_diff(got: &serde_json::Value, want: &serde_json::Value, path: &str) -> String {
+    use serde_json::Value;
+    match (got, want) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, wv) in b {
+                match a.get(k) {
+                    None => return format!("{path}.{k} missing"),
+                    Some(gv) if gv != wv => return json_diff(gv, wv, &format!("{path}.{k}")),
+                    _ => {}
+                }
+            }
+            if let Some(k) = a.keys().find(|k| !b.contains_key(*k)) {
+                return format!("{path}.{k} unexpected");
+            }
+            format!("{path}: {} vs {}", trunc(got), trunc(want))
+        }
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                if x != y {
+                    return json_diff(x, y, &format!("{path}[{i}]"));
+                }
+            }
+            format!("{path}: {} vs {}", trunc(got), trunc(want))
+        }
+        _ => format!("{path}: got {} want {}", trunc(got), trunc(want)),
+    }
 }
 
 fn short(b: &Body) -> String {

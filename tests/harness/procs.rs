@@ -73,6 +73,7 @@ pub fn find_exe(env: &str, name: &str, extra: &[PathBuf]) -> PathBuf {
 
 pub struct Mosquitto {
     pub port: u16,
+    started: bool,
     dir: PathBuf,
     conf: PathBuf,
     log: PathBuf,
@@ -87,6 +88,21 @@ impl Mosquitto {
         let port = free_port();
         let conf = dir.join("mosquitto.conf");
         let log = dir.join("mosquitto.log");
+        let mut m = Mosquitto {
+            port,
+            dir,
+            conf,
+            log,
+            child: None,
+            started: false,
+        };
+        m.write_conf();
+        m.spawn();
+        m
+    }
+
+    fn write_conf(&self) {
+        let (port, dir, log, conf) = (self.port, &self.dir, &self.log, &self.conf);
         // Running as root, mosquitto drops to user `mosquitto`, which cannot
         // write into our 0700 temp dirs; keep it as root in that case.
         let is_root = unsafe { libc::geteuid() } == 0;
@@ -109,16 +125,7 @@ impl Mosquitto {
             log.display(),
             if is_root { "user root\n" } else { "" },
         );
-        fs::write(&conf, text).unwrap();
-        let mut m = Mosquitto {
-            port,
-            dir,
-            conf,
-            log,
-            child: None,
-        };
-        m.spawn();
-        m
+        fs::write(conf, text).unwrap();
     }
 
     fn exe() -> PathBuf {
@@ -149,10 +156,16 @@ impl Mosquitto {
             );
             if ok.is_ok() && matches!(child.try_wait(), Ok(None)) {
                 self.child = Some(child);
+                self.started = true;
                 return;
             }
             let _ = child.kill();
             let _ = child.wait();
+            if !self.started {
+                // First start: the free port may have been taken meanwhile.
+                self.port = free_port();
+                self.write_conf();
+            }
             if Instant::now() > end {
                 panic!(
                     "mosquitto did not start on port {}; log tail:\n{}",
@@ -271,6 +284,10 @@ impl S3Server {
             }
             let _ = child.kill();
             let _ = child.wait();
+            if self.starts == 0 {
+                // First start: the free port may have been taken meanwhile.
+                self.port = free_port();
+            }
             if Instant::now() > end {
                 panic!(
                     "s3s-fs did not start on port {}; log tail:\n{}",

@@ -93,16 +93,21 @@ impl Batcher {
         }
         let mut pending = self.spool.take_pending(self.sink).into_iter();
         while let Some(meta) = pending.next() {
-            let events = match self.spool.load_batch(self.sink, &meta) {
-                Ok(events) => events,
+            let loaded = match self.spool.load_batch(self.sink, &meta) {
+                Ok(loaded) => loaded,
                 Err(e) => {
                     self.spool
                         .return_pending(self.sink, std::iter::once(meta).chain(pending).collect());
                     return Err(e);
                 }
             };
+            if loaded.missing > 0 {
+                tracing::info!(sink = %self.name, key = %meta.key, "batch was uploaded before a restart; finishing its removal");
+                self.spool.complete(self.sink, meta).await?;
+                continue;
+            }
             tracing::info!(sink = %self.name, key = %meta.key, records = meta.records, "uploading batch sealed earlier");
-            if !self.upload(meta, &events, stop).await? {
+            if !self.upload(meta, &loaded.events, stop).await? {
                 return Ok(Step::Done);
             }
         }

@@ -117,8 +117,8 @@ pub fn load_str(text: &str, name: &str) -> Result<Config, ConfigError> {
 }
 
 fn finish(merged: toml::Table, origins: &Origins) -> Result<Config, ConfigError> {
-    let config: Config = serde_path_to_error::deserialize(toml::Value::Table(merged))
-        .map_err(|e| deserialize_error(e, origins))?;
+    let config: Config = serde_path_to_error::deserialize(toml::Value::Table(merged.clone()))
+        .map_err(|e| deserialize_error(e, &merged, origins))?;
     super::validate::validate(&config, origins)?;
     Ok(config)
 }
@@ -204,16 +204,25 @@ fn substitute_env(
     lookup: impl Fn(&str) -> Option<String>,
 ) -> Result<String, ConfigError> {
     let mut out = String::with_capacity(text.len());
+    let mut table = String::new();
     for (index, line) in text.split_inclusive('\n').enumerate() {
-        if line.trim_start().starts_with('#') {
+        let trimmed = line.trim();
+        if trimmed.starts_with('#') {
             out.push_str(line);
             continue;
         }
+        if let Some(header) = trimmed.strip_prefix('[').and_then(|t| t.strip_suffix(']')) {
+            table = header.trim_matches(['[', ']', ' ']).to_string();
+        }
+        let key = trimmed.split_once('=').map(|(k, _)| match table.as_str() {
+            "" => k.trim().to_string(),
+            t => format!("{t}.{}", k.trim()),
+        });
         let err = |message: String| {
             let at = Location {
                 file: file.map(Path::to_path_buf),
                 line: Some(index + 1),
-                key: None,
+                key: key.clone(),
             };
             ConfigError::invalid(at, message)
         };
@@ -260,15 +269,55 @@ fn substitute_env(
 
 fn deserialize_error(
     err: serde_path_to_error::Error<toml::de::Error>,
+    merged: &toml::Table,
     origins: &Origins,
 ) -> ConfigError {
     let path = err.path().to_string();
     let path = if path == "." { String::new() } else { path };
+    if let Some(inner) = source_error(&path, merged) {
+        return inner_error(inner, &path, origins);
+    }
     let message = err.inner().message().trim().to_string();
-    // Unknown keys inside tagged enums lose the inner path; find the key by name.
     let key = unknown_field_name(&message)
         .and_then(|name| origins.find_below(&path, name))
         .unwrap_or(path);
+    ConfigError::invalid(origins.locate(&key), message)
+}
+
+/// Sources are a tagged enum, and serde buffers their table, losing the
+/// path inside it. Deserialising the table as its own type finds the key.
+fn source_error(
+    path: &str,
+    merged: &toml::Table,
+) -> Option<serde_path_to_error::Error<toml::de::Error>> {
+    use super::{HttpSourceConfig, MqttSourceConfig};
+    let name = path.strip_prefix("sources.")?;
+    let mut table = merged.get("sources")?.get(name)?.as_table()?.clone();
+    let kind = table.remove("type")?;
+    let value = toml::Value::Table(table);
+    match kind.as_str()? {
+        "mqtt" => serde_path_to_error::deserialize::<_, MqttSourceConfig>(value).err(),
+        "http" => serde_path_to_error::deserialize::<_, HttpSourceConfig>(value).err(),
+        _ => None,
+    }
+}
+
+fn inner_error(
+    err: serde_path_to_error::Error<toml::de::Error>,
+    prefix: &str,
+    origins: &Origins,
+) -> ConfigError {
+    let inner = err.path().to_string();
+    let message = err.inner().message().trim().to_string();
+    let key = unknown_field_name(&message)
+        .map(|name| format!("{prefix}.{name}"))
+        .unwrap_or_else(|| {
+            if inner == "." {
+                prefix.to_string()
+            } else {
+                format!("{prefix}.{inner}")
+            }
+        });
     ConfigError::invalid(origins.locate(&key), message)
 }
 

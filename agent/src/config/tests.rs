@@ -76,6 +76,29 @@ fn unknown_key_inside_a_tagged_source_is_located() {
 }
 
 #[test]
+fn bad_values_inside_a_source_name_the_key_and_its_line() {
+    let text = MINIMAL.replace(
+        "listen = \"127.0.0.1:8080\"",
+        "listen = \"127.0.0.1:8080\"\nmax_body = -5",
+    );
+    let err = load_str(&text, "bad.toml").unwrap_err().to_string();
+    assert!(
+        err.starts_with("bad.toml:5: key `sources.api.max_body`"),
+        "{err}"
+    );
+    let text = format!(
+        "{MINIMAL}\n[sources.m]\ntype = \"mqtt\"\nurl = \"mqtt://h\"\ntopics = [\"a\"]\nqos = 7\n"
+    );
+    let err = load_str(
+        &text.replace("inputs = [\"api\"]", "inputs = [\"api\", \"m\"]"),
+        "bad.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.starts_with("bad.toml:15: key `sources.m.qos`"), "{err}");
+}
+
+#[test]
 fn wrong_type_names_the_key() {
     let text = MINIMAL.replace("path = \"./lake\"", "path = \"./lake\"\nretry_max = 5");
     let err = load_str(&text, "bad.toml").unwrap_err().to_string();

@@ -58,8 +58,8 @@ pub(super) fn validate(config: &Config, origins: &Origins) -> Result<(), ConfigE
     }
 
     for (name, source) in &config.sources {
-        if let Err(message) = validate_source(source) {
-            return fail(format!("sources.{name}"), message);
+        if let Err((key, message)) = validate_source(source) {
+            return fail(format!("sources.{name}.{key}"), message);
         }
     }
 
@@ -138,18 +138,25 @@ fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
-fn validate_source(source: &SourceConfig) -> Result<(), String> {
+/// The offending key (below the source's table) and what is wrong.
+fn validate_source(source: &SourceConfig) -> Result<(), (&'static str, String)> {
     match source {
         SourceConfig::Mqtt(mqtt) => {
-            crate::sources::mqtt::parse_broker_url(&mqtt.url)?;
+            crate::sources::mqtt::parse_broker_url(&mqtt.url).map_err(|e| ("url", e))?;
             if mqtt.topics.is_empty() {
-                return Err("`topics` is empty: give at least one topic filter".into());
+                return Err((
+                    "topics",
+                    "`topics` is empty: give at least one topic filter".into(),
+                ));
             }
             if mqtt.qos > 1 {
-                return Err(format!("qos {} is not supported: use 0 or 1", mqtt.qos));
+                return Err((
+                    "qos",
+                    format!("qos {} is not supported: use 0 or 1", mqtt.qos),
+                ));
             }
             if mqtt.username.is_none() && mqtt.password.is_some() {
-                return Err("`password` is set without `username`".into());
+                return Err(("password", "`password` is set without `username`".into()));
             }
             Ok(())
         }

@@ -16,6 +16,12 @@ pub(super) fn build(config: &SinkConfig) -> Result<Arc<dyn ObjectStore>, String>
     if config.region.is_some() || std::env::var_os("AWS_REGION").is_none() {
         builder = builder.with_region(config.region.as_deref().unwrap_or("us-east-1"));
     }
+    // Client options first: `with_client_options` replaces them whole,
+    // including the allow-http flag set below.
+    let client = ClientOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_timeout(Duration::from_secs(120));
+    builder = builder.with_client_options(client);
     if let Some(endpoint) = &config.endpoint {
         builder = builder
             .with_endpoint(endpoint)
@@ -34,12 +40,8 @@ pub(super) fn build(config: &SinkConfig) -> Result<Arc<dyn ObjectStore>, String>
         max_retries: 1,
         retry_timeout: Duration::from_secs(10),
     };
-    let client = ClientOptions::new()
-        .with_connect_timeout(Duration::from_secs(5))
-        .with_timeout(Duration::from_secs(120));
     let store = builder
         .with_retry(retry)
-        .with_client_options(client)
         .build()
         .map_err(|e| e.to_string())?;
     Ok(Arc::new(store))

@@ -22,7 +22,7 @@ use crate::config::SpoolConfig;
 use crate::event::{Event, now_ms};
 pub use record::{DecodeError, decode, encode};
 use state::SpoolState;
-pub use state::{AppendOutcome, BatchMeta, SinkStats};
+pub use state::{AppendOutcome, BatchMeta, LoadedBatch, SinkStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -273,7 +273,7 @@ impl Spool {
     }
 
     /// The events of a sealed batch, read back from disk.
-    pub fn load_batch(&self, sink: SinkId, batch: &BatchMeta) -> Result<Vec<Event>, SpoolError> {
+    pub fn load_batch(&self, sink: SinkId, batch: &BatchMeta) -> Result<LoadedBatch, SpoolError> {
         let s = &self.shared.sinks[sink];
         state::load_batch(&s.records, &s.name, batch, &self.shared.quarantine)
     }

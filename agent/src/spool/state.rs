@@ -29,6 +29,8 @@ pub struct BatchMeta {
     pub key: String,
     /// Records that decoded; corrupt ones in the range were quarantined.
     pub records: u64,
+    /// Records in the range, corrupt ones included.
+    pub count: u64,
     /// Encoded bytes of the range in the spool.
     pub bytes: u64,
     pub sealed_ms: i64,
@@ -331,6 +333,7 @@ impl SpoolState {
                 None => key(&Event::new(now_ms, "", Vec::new()), log.next_batch),
             },
             records: events.len() as u64,
+            count,
             bytes,
             sealed_ms: now_ms,
         };
@@ -350,14 +353,18 @@ impl SpoolState {
     /// Forgets a batch whose object is confirmed written, and its records.
     pub fn complete(&mut self, sink: usize, batch: &BatchMeta) -> Result<(), SpoolError> {
         let log = &mut self.sinks[sink];
-        if log.batches.remove(be(batch.seq))?.is_none() {
+        if !log.batches.contains_key(be(batch.seq))? {
             return Ok(());
         }
+        // Records go before the batch: a crash in between leaves a batch
+        // with records missing, which the batcher recognises as uploaded
+        // (see `LoadedBatch::missing`) instead of re-batching leftovers.
         let mut remove = sled::Batch::default();
         for item in log.records.range(be(batch.first)..=be(batch.last)) {
             remove.remove(item?.0);
         }
         log.records.apply_batch(remove)?;
+        log.batches.remove(be(batch.seq))?;
         log.stats.sealed_batches -= 1;
         log.stats.sealed_bytes -= batch.bytes;
         self.bytes -= batch.bytes;
@@ -389,21 +396,36 @@ impl SinkLog {
 
 /// Reads the events of a sealed batch back, quarantining records that no
 /// longer decode.
+/// A sealed batch read back from disk.
+#[derive(Debug)]
+pub struct LoadedBatch {
+    pub events: Vec<Event>,
+    /// Records of the range no longer in the spool. Only `complete` removes
+    /// records of a sealed batch, and only after the upload was confirmed,
+    /// so a batch with missing records was uploaded before a crash.
+    pub missing: u64,
+}
+
 pub(super) fn load_batch(
     records: &sled::Tree,
     sink: &str,
     batch: &BatchMeta,
     quarantine_dir: &Path,
-) -> Result<Vec<Event>, SpoolError> {
+) -> Result<LoadedBatch, SpoolError> {
     let mut events = Vec::with_capacity(batch.records as usize);
+    let mut found = 0;
     for item in records.range(be(batch.first)..=be(batch.last)) {
         let (k, v) = item?;
+        found += 1;
         match record::decode(&v) {
             Ok(e) => events.push(e),
             Err(err) => quarantine(quarantine_dir, sink, from_be(&k), &err, &v),
         }
     }
-    Ok(events)
+    Ok(LoadedBatch {
+        events,
+        missing: batch.count.saturating_sub(found),
+    })
 }
 
 impl SpoolState {

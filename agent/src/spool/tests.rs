@@ -215,7 +215,7 @@ fn check(spool: &Spool, model: &[ModelSink]) {
         );
         for (meta, events) in &m.sealed {
             assert_eq!(
-                &spool.load_batch(sink, meta).unwrap(),
+                &spool.load_batch(sink, meta).unwrap().events,
                 events,
                 "batch {} of sink {sink}",
                 meta.seq
