@@ -16,7 +16,7 @@ use std::time::Duration;
 use crate::config::Config;
 use crate::event::Event;
 use crate::plugin::{DeadLetter, Plugin, PluginEngine, PluginError, PluginLimits};
-use crate::spool::{AppendOutcome, SinkId, Spool, SpoolError};
+use crate::spool::{AppendOutcome, Mark, SinkId, Spool, SpoolError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -143,10 +143,25 @@ impl Ingest {
         // Plugins may keep state (dedup windows): once they have seen a batch
         // it must be stored, not refused and sent again. So refuse up front
         // when full, and after transforms wait for room instead of failing.
+        self.ingest_marked(source, events, Vec::new()).await
+    }
+
+    /// [`Ingest::ingest`], also storing `marks` with the events.
+    pub async fn ingest_marked(
+        &self,
+        source: &str,
+        events: Vec<Event>,
+        marks: Vec<Mark>,
+    ) -> Result<AppendOutcome, IngestError> {
         if self.spool.refuses_appends() {
             return Err(SpoolError::Full.into());
         }
-        self.deliver(source, events, false).await
+        self.deliver(source, events, false, marks).await
+    }
+
+    /// A mark stored by an earlier [`Ingest::ingest_marked`].
+    pub fn mark(&self, tree: &str, key: &[u8]) -> Result<Option<sled::IVec>, SpoolError> {
+        self.spool.mark(tree, key)
     }
 
     /// Runs `events` from `node` through the transforms downstream and
@@ -157,6 +172,7 @@ impl Ingest {
         node: &str,
         events: Vec<Event>,
         mut transformed: bool,
+        marks: Vec<Mark>,
     ) -> Result<AppendOutcome, IngestError> {
         let mut groups = Vec::new();
         let mut todo = vec![(node.to_string(), events)];
@@ -175,9 +191,9 @@ impl Ingest {
             }
         }
         let outcome = if transformed {
-            self.append_waiting(groups).await?
+            self.append_waiting(groups, marks).await?
         } else {
-            self.spool.append_groups(groups).await?
+            self.spool.append_groups(groups, marks).await?
         };
         if outcome.dropped_new > 0 || outcome.dropped_old > 0 {
             self.drops.record(node, &outcome);
@@ -188,10 +204,15 @@ impl Ingest {
     async fn append_waiting(
         &self,
         groups: Vec<(Vec<SinkId>, Vec<Event>)>,
+        marks: Vec<Mark>,
     ) -> Result<AppendOutcome, SpoolError> {
         let mut warned = false;
         loop {
-            match self.spool.append_groups(groups.clone()).await {
+            match self
+                .spool
+                .append_groups(groups.clone(), marks.clone())
+                .await
+            {
                 Err(e) if e.is_retryable() => {
                     if !warned {
                         tracing::warn!(error = %e, "transformed events wait for room in the spool");
@@ -209,7 +230,7 @@ impl Ingest {
         for stage in self.stages.iter() {
             match stage.tick(now_ms).await {
                 Ok(events) if !events.is_empty() => {
-                    if let Err(e) = self.deliver(&stage.name, events, true).await {
+                    if let Err(e) = self.deliver(&stage.name, events, true, Vec::new()).await {
                         tracing::error!(transform = %stage.name, error = %e, "events emitted by tick were not committed");
                     }
                 }

@@ -58,6 +58,10 @@ pub struct Plugin {
     config_json: String,
     limits: PluginLimits,
     engine: wasmtime::Engine,
+    /// Keeps the shared epoch ticker running while this plugin lives: the
+    /// caller may drop its `PluginEngine` right after loading (the agent
+    /// does), and without the ticker timeouts never fire.
+    _ticker: PluginEngine,
     pre: TransformPre<State>,
     /// `None` after a fatal failure until the next call re-creates it.
     live: Option<Live>,
@@ -92,6 +96,7 @@ impl Plugin {
         };
         let fueled = limits.fuel.is_some();
         let component = engine.component(name, wasm, fueled)?;
+        let ticker = engine.clone();
         let engine = engine.engine(fueled).clone();
 
         let mut linker = Linker::<State>::new(&engine);
@@ -109,6 +114,7 @@ impl Plugin {
             config_json: config_json.to_string(),
             limits,
             engine,
+            _ticker: ticker,
             pre,
             live: None,
         };

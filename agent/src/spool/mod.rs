@@ -22,7 +22,7 @@ use crate::config::SpoolConfig;
 use crate::event::{Event, now_ms};
 pub use record::{DecodeError, decode, encode};
 use state::SpoolState;
-pub use state::{AppendOutcome, BatchMeta, LoadedBatch, SinkStats};
+pub use state::{AppendOutcome, BatchMeta, LoadedBatch, Mark, SinkStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -53,6 +53,7 @@ type KeyFn = Box<dyn FnOnce(&Event, u64) -> String + Send>;
 enum Command {
     Append {
         groups: Vec<(Vec<SinkId>, Vec<Event>)>,
+        marks: Vec<Mark>,
         reply: oneshot::Sender<Result<AppendOutcome, SpoolError>>,
     },
     Seal {
@@ -204,7 +205,8 @@ impl Spool {
         sinks: &[SinkId],
         events: Vec<Event>,
     ) -> Result<AppendOutcome, SpoolError> {
-        self.append_groups(vec![(sinks.to_vec(), events)]).await
+        self.append_groups(vec![(sinks.to_vec(), events)], Vec::new())
+            .await
     }
 
     /// Stores several groups of events, each for its own sinks, as one unit:
@@ -213,16 +215,21 @@ impl Spool {
     pub async fn append_groups(
         &self,
         groups: Vec<(Vec<SinkId>, Vec<Event>)>,
+        marks: Vec<Mark>,
     ) -> Result<AppendOutcome, SpoolError> {
         let groups: Vec<_> = groups
             .into_iter()
             .filter(|(sinks, events)| !sinks.is_empty() && !events.is_empty())
             .collect();
-        if groups.is_empty() {
+        if groups.is_empty() && marks.is_empty() {
             return Ok(AppendOutcome::default());
         }
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Append { groups, reply })?;
+        self.send(Command::Append {
+            groups,
+            marks,
+            reply,
+        })?;
         rx.await.map_err(|_| SpoolError::Closed)?
     }
 
@@ -262,6 +269,11 @@ impl Spool {
     /// Each is handed out once.
     pub fn take_pending(&self, sink: SinkId) -> Vec<BatchMeta> {
         std::mem::take(&mut *self.shared.sinks[sink].pending.lock().expect("lock"))
+    }
+
+    /// A mark written by an earlier append.
+    pub fn mark(&self, tree: &str, key: &[u8]) -> Result<Option<sled::IVec>, SpoolError> {
+        Ok(self.db.open_tree(tree)?.get(key)?)
     }
 
     /// Puts batches taken with [`Spool::take_pending`] back, in front, when
@@ -370,7 +382,11 @@ fn writer(mut state: SpoolState, db: sled::Db, rx: mpsc::Receiver<Message>, shar
 
 fn apply(state: &mut SpoolState, command: Command) -> Reply {
     match command {
-        Command::Append { groups, reply } => Reply::Append(reply, state.append(&groups)),
+        Command::Append {
+            groups,
+            marks,
+            reply,
+        } => Reply::Append(reply, state.append(&groups, &marks)),
         Command::Seal {
             sink,
             max_records,

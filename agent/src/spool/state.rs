@@ -87,7 +87,17 @@ impl Limits {
     }
 }
 
+/// A small key/value stored with an append, after its records, so it is
+/// durable exactly when they are (e.g. which MQTT packet ids were committed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mark {
+    pub tree: String,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
 pub(super) struct SpoolState {
+    db: sled::Db,
     meta: sled::Tree,
     pub sinks: Vec<SinkLog>,
     pub bytes: u64,
@@ -112,6 +122,7 @@ impl SpoolState {
     ) -> Result<SpoolState, SpoolError> {
         let meta = db.open_tree("meta")?;
         let mut state = SpoolState {
+            db: db.clone(),
             meta,
             sinks: Vec::new(),
             bytes: 0,
@@ -196,6 +207,7 @@ impl SpoolState {
     pub fn append(
         &mut self,
         groups: &[(Vec<usize>, Vec<Event>)],
+        marks: &[Mark],
     ) -> Result<AppendOutcome, SpoolError> {
         let encoded: Vec<Vec<Vec<u8>>> = groups
             .iter()
@@ -251,6 +263,11 @@ impl SpoolState {
                 self.meta
                     .insert(format!("next_seq/{}", log.name), &be(log.next_seq))?;
             }
+        }
+        for mark in marks {
+            self.db
+                .open_tree(&mark.tree)?
+                .insert(&mark.key, mark.value.as_slice())?;
         }
         self.bytes += need;
         outcome.stored = count;

@@ -15,9 +15,11 @@ use rumqttc::{
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+mod redelivery;
+
 use crate::config::MqttSourceConfig;
 use crate::event::{Event, now_ms};
-use crate::spool::SpoolError;
+use crate::spool::{Mark, SpoolError};
 use crate::transform::Ingest;
 use crate::transform::IngestError;
 
@@ -240,13 +242,23 @@ async fn commit_loop(
     done: CancellationToken,
 ) {
     let mut group = Vec::with_capacity(COMMIT_GROUP);
+    let redelivery = redelivery::Redelivery::new(&source);
     while rx.recv_many(&mut group, COMMIT_GROUP).await > 0 {
-        let now = now_ms();
-        let events: Vec<Event> = group
-            .iter()
-            .map(|p| Event::new(now, p.topic.clone(), p.payload.clone()))
-            .collect();
-        commit(&source, &ingest, events).await;
+        let filtered = redelivery.filter(&group, now_ms(), |key| {
+            ingest
+                .mark(redelivery.tree(), key)
+                .ok()
+                .flatten()
+                .map(|v| v.to_vec())
+        });
+        if filtered.redelivered > 0 {
+            tracing::info!(
+                source,
+                messages = filtered.redelivered,
+                "mqtt redeliveries of messages already committed; acked, not stored again"
+            );
+        }
+        commit(&source, &ingest, filtered.events, filtered.marks).await;
         for publish in group.drain(..) {
             if publish.qos != QoS::AtMostOnce
                 && let Err(e) = client.ack(&publish).await
@@ -260,10 +272,13 @@ async fn commit_loop(
 
 /// Commits one group, waiting out a full spool or a failing disk: the
 /// broker keeps the messages meanwhile because they are not acked.
-async fn commit(source: &str, ingest: &Ingest, events: Vec<Event>) {
+async fn commit(source: &str, ingest: &Ingest, events: Vec<Event>, marks: Vec<Mark>) {
     let mut waited = false;
     loop {
-        match ingest.ingest(source, events.clone()).await {
+        match ingest
+            .ingest_marked(source, events.clone(), marks.clone())
+            .await
+        {
             Ok(_) => {
                 if waited {
                     tracing::info!(source, "spool accepts events again; mqtt acks resume");
