@@ -5,9 +5,11 @@
 //! Data path, mirrored by the modules: [`sources`] -> [`transform`] ->
 //! [`spool`] -> [`batch`] -> [`sinks`].
 
+pub mod api;
 pub mod batch;
 pub mod config;
 pub mod event;
+pub mod metrics;
 pub mod plugin;
 pub mod sinks;
 pub mod sources;
@@ -15,6 +17,7 @@ pub mod spool;
 pub mod transform;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use anyhow::Context;
 use tokio::task::JoinSet;
@@ -22,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::batch::Batcher;
 use crate::config::{Config, SourceConfig};
+use crate::metrics::Metrics;
 use crate::sources::{http::HttpSource, mqtt::MqttSource};
 use crate::spool::Spool;
 use crate::transform::Ingest;
@@ -45,6 +49,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         })?;
     let sink_names: Vec<String> = config.sinks.keys().cloned().collect();
     let spool = Spool::open(data_dir, &sink_names, &config.spool)?;
+    let metrics = Arc::new(Metrics::new(&config));
+    let api_stop = CancellationToken::new();
+    let api = match api::ApiServer::bind(&config.api, metrics.clone(), spool.clone()).await {
+        Ok(server) => Some(tokio::spawn(server.run(api_stop.clone()))),
+        Err(e) => {
+            // Metrics matter less than data: run without the admin endpoints.
+            tracing::error!(addr = %config.api.listen, error = %e, "admin api cannot listen; running without /metrics, /healthz and /readyz (set [api] listen)");
+            None
+        }
+    };
 
     let sources_stop = CancellationToken::new();
     let mut sources = JoinSet::new();
@@ -54,12 +68,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     for (name, sink) in &config.sinks {
         let store = sinks::build(name, sink)?;
         let id = spool.sink_id(name).expect("spool opened with every sink");
-        let batcher = Batcher::new(id, name, &config.agent.id, spool.clone(), store, sink)
+        let agent = &config.agent.id;
+        let batcher = Batcher::new(id, name, agent, spool.clone(), store, sink, metrics.clone())
             .map_err(|e| anyhow::anyhow!("sink {name}: {e}"))?;
         batchers.spawn(batcher.run(drain.clone(), stop.clone()));
     }
 
-    let ingest = Ingest::new(&config, spool.clone(), plugins, dead_letter);
+    let ingest = Ingest::new(
+        &config,
+        spool.clone(),
+        plugins,
+        dead_letter,
+        metrics.clone(),
+    );
     if !config.transforms.is_empty() {
         let ticker = ingest.clone();
         let stop_ticks = sources_stop.clone();
@@ -88,7 +109,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     for (name, source) in &config.sources {
         if let SourceConfig::Mqtt(cfg) = source {
-            let mqtt = MqttSource::new(name, cfg.clone(), &config.agent.id, ingest.clone());
+            let (agent, ingest) = (&config.agent.id, ingest.clone());
+            let mqtt = MqttSource::new(name, cfg.clone(), agent, ingest, metrics.clone());
             let token = sources_stop.clone();
             let name = name.clone();
             sources.spawn(async move {
@@ -119,6 +141,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         while batchers.join_next().await.is_some() {}
     }
     drop(ingest);
+    api_stop.cancel();
+    if let Some(api) = api {
+        let _ = api.await;
+    }
     tokio::task::spawn_blocking(move || spool.close()).await??;
     tracing::info!("silt stopped");
     Ok(())

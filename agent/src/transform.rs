@@ -11,10 +11,11 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::event::Event;
+use crate::metrics::{Metrics, PluginCall};
 use crate::plugin::{DeadLetter, Plugin, PluginEngine, PluginError, PluginLimits};
 use crate::spool::{AppendOutcome, Mark, SinkId, Spool, SpoolError};
 
@@ -52,6 +53,7 @@ struct Stage {
     name: String,
     plugin: Mutex<Plugin>,
     dead_letter: Arc<DeadLetter>,
+    metrics: Arc<Metrics>,
 }
 
 /// Loads every configured plugin, calling `init`. Used by `run` and by
@@ -83,6 +85,7 @@ pub struct Ingest {
     nodes: Arc<HashMap<String, Node>>,
     stages: Arc<Vec<Arc<Stage>>>,
     drops: Arc<DropCounter>,
+    metrics: Arc<Metrics>,
 }
 
 impl Ingest {
@@ -91,6 +94,7 @@ impl Ingest {
         spool: Spool,
         plugins: HashMap<String, Plugin>,
         dead_letter: DeadLetter,
+        metrics: Arc<Metrics>,
     ) -> Ingest {
         let dead_letter = Arc::new(dead_letter);
         let stages: HashMap<&str, Arc<Stage>> = plugins
@@ -100,6 +104,7 @@ impl Ingest {
                     name: name.clone(),
                     plugin: Mutex::new(plugin),
                     dead_letter: dead_letter.clone(),
+                    metrics: metrics.clone(),
                 };
                 let key = config
                     .transforms
@@ -129,6 +134,7 @@ impl Ingest {
             nodes: Arc::new(nodes),
             stages: Arc::new(stages.into_values().collect()),
             drops: Arc::new(DropCounter::default()),
+            metrics,
         }
     }
 
@@ -156,7 +162,10 @@ impl Ingest {
         if self.spool.refuses_appends() {
             return Err(SpoolError::Full.into());
         }
-        self.deliver(source, events, false, marks).await
+        let count = events.len() as u64;
+        let outcome = self.deliver(source, events, false, marks).await?;
+        self.metrics.events_in(source, count);
+        Ok(outcome)
     }
 
     /// A mark stored by an earlier [`Ingest::ingest_marked`].
@@ -196,6 +205,8 @@ impl Ingest {
             self.spool.append_groups(groups, marks).await?
         };
         if outcome.dropped_new > 0 || outcome.dropped_old > 0 {
+            self.metrics
+                .dropped(outcome.dropped_new as u64, outcome.dropped_old);
             self.drops.record(node, &outcome);
         }
         Ok(outcome)
@@ -255,11 +266,18 @@ impl Stage {
     ) -> Result<Option<Vec<Event>>, IngestError> {
         let stage = self.clone();
         tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
             let result = stage
                 .plugin
                 .lock()
                 .expect("plugin lock")
                 .process(events.clone());
+            stage.metrics.plugin_call(
+                &stage.name,
+                PluginCall::Process,
+                started.elapsed(),
+                result.is_err(),
+            );
             match result {
                 Ok(out) => Ok(Some(out)),
                 Err(error) => stage.dead_letter(&error, &events).map(|()| None),
@@ -271,15 +289,24 @@ impl Stage {
 
     async fn tick(self: &Arc<Self>, now_ms: i64) -> Result<Vec<Event>, PluginError> {
         let stage = self.clone();
-        tokio::task::spawn_blocking(move || stage.plugin.lock().expect("plugin lock").tick(now_ms))
-            .await
-            .expect("plugin calls do not panic the host")
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let result = stage.plugin.lock().expect("plugin lock").tick(now_ms);
+            let failed = result.is_err();
+            stage
+                .metrics
+                .plugin_call(&stage.name, PluginCall::Tick, started.elapsed(), failed);
+            result
+        })
+        .await
+        .expect("plugin calls do not panic the host")
     }
 
     fn dead_letter(&self, error: &PluginError, events: &[Event]) -> Result<(), IngestError> {
         let reason = error.to_string();
         match self.dead_letter.write(&self.name, &reason, events) {
             Ok(path) => {
+                self.metrics.dead_lettered(&self.name, events.len() as u64);
                 tracing::warn!(
                     transform = %self.name, kind = error.kind(), error = %reason, events = events.len(),
                     path = %path.display(), "plugin failed; its batch went to dead-letter and the pipeline goes on"

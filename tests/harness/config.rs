@@ -2,10 +2,19 @@
 
 use super::procs::{S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, S3Server};
 
+/// `[agent]`, `[spool]`, and `[api]` on a free port, so agents of tests
+/// running in parallel do not compete for the default admin port.
 pub fn agent(id: &str) -> String {
+    agent_with_api(id, super::free_port(), "5m")
+}
+
+/// [`agent`] with the admin api on `api_port` and readiness failing once a
+/// sink's backlog is `ready_max_backlog_age` old.
+pub fn agent_with_api(id: &str, api_port: u16, ready_max_backlog_age: &str) -> String {
     format!(
         "[agent]\nid = \"{id}\"\ndata_dir = \"{{data_dir}}\"\nshutdown_timeout = \"30s\"\n\n\
-         [spool]\nmax_bytes = \"1GiB\"\nwhen_full = \"block\"\n\n"
+         [spool]\nmax_bytes = \"1GiB\"\nwhen_full = \"block\"\n\n\
+         [api]\nlisten = \"127.0.0.1:{api_port}\"\nready_max_backlog_age = \"{ready_max_backlog_age}\"\n\n"
     )
 }
 

@@ -9,12 +9,14 @@
 mod encode;
 mod key;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BatchConfig, Compression, SinkConfig};
 use crate::event::{Event, now_ms};
+use crate::metrics::Metrics;
 use crate::sinks::{Sink, SinkError, Written};
 use crate::spool::{BatchMeta, SinkId, Spool, SpoolError};
 pub use encode::{encode_ndjson, rfc3339_ms};
@@ -30,6 +32,7 @@ pub struct Batcher {
     batch: BatchConfig,
     compression: Compression,
     retry_max: Duration,
+    metrics: Arc<Metrics>,
 }
 
 enum Step {
@@ -51,6 +54,7 @@ impl Batcher {
         spool: Spool,
         target: Sink,
         config: &SinkConfig,
+        metrics: Arc<Metrics>,
     ) -> Result<Batcher, String> {
         Ok(Batcher {
             sink,
@@ -62,6 +66,7 @@ impl Batcher {
             batch: config.batch.clone(),
             compression: config.compression,
             retry_max: config.retry_max,
+            metrics,
         })
     }
 
@@ -172,6 +177,8 @@ impl Batcher {
         };
         let (content_type, encoding) = encode::content_headers(self.compression);
         let body = bytes::Bytes::from(body);
+        self.metrics
+            .uploading(&self.name, events.iter().map(|e| e.ts_ms).min());
         let mut key = meta.key.clone();
         let (mut attempt, mut conflicts) = (0, 0);
         loop {
@@ -182,6 +189,12 @@ impl Batcher {
                 r = put => r,
                 _ = stop.cancelled() => return Ok(false),
             };
+            if let Err(e) = &result {
+                if !matches!(e, SinkError::Conflict { .. }) {
+                    self.metrics.upload_error(&self.name);
+                }
+                self.metrics.upload_retry(&self.name);
+            }
             match result {
                 Ok(written) => {
                     if attempt > 0 {
@@ -191,6 +204,8 @@ impl Batcher {
                         sink = %self.name, key = %key, records = meta.records, bytes = body.len(),
                         already_there = written == Written::AlreadyThere, "uploaded object"
                     );
+                    self.metrics
+                        .object_committed(&self.name, meta.records, body.len() as u64);
                     break;
                 }
                 Err(SinkError::Conflict { .. }) => {
@@ -218,7 +233,9 @@ impl Batcher {
                 }
             }
         }
-        self.spool.complete(self.sink, meta).await?;
+        let completed = self.spool.complete(self.sink, meta).await;
+        self.metrics.uploading(&self.name, None);
+        completed?;
         Ok(true)
     }
 }

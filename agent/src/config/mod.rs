@@ -32,6 +32,38 @@ pub struct Config {
     pub transforms: BTreeMap<String, TransformConfig>,
     #[serde(default)]
     pub sinks: BTreeMap<String, SinkConfig>,
+    #[serde(default)]
+    pub api: ApiConfig,
+}
+
+/// The admin listener: `/metrics`, `/healthz`, `/readyz`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Where the admin endpoints listen. If the address cannot be bound the
+    /// agent logs an error and runs without them: data matters more.
+    #[serde(default = "default_api_listen")]
+    pub listen: SocketAddr,
+    /// `/readyz` fails once a sink's oldest unsent record is this old.
+    #[serde(default = "default_ready_max_backlog_age", with = "humantime_serde")]
+    pub ready_max_backlog_age: Duration,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: default_api_listen(),
+            ready_max_backlog_age: default_ready_max_backlog_age(),
+        }
+    }
+}
+
+fn default_api_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8686))
+}
+
+fn default_ready_max_backlog_age() -> Duration {
+    Duration::from_secs(5 * 60)
 }
 
 #[derive(Debug, Clone, Deserialize)]

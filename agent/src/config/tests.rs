@@ -194,3 +194,30 @@ fn empty_directory_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     assert!(matches!(load(dir.path()), Err(ConfigError::NoFiles(_))));
 }
+
+#[test]
+fn api_defaults_and_checks() {
+    let config = load_str(MINIMAL, "m.toml").unwrap();
+    assert_eq!(config.api.listen, "127.0.0.1:8686".parse().unwrap());
+    assert_eq!(
+        config.api.ready_max_backlog_age,
+        std::time::Duration::from_secs(300)
+    );
+    let text =
+        format!("{MINIMAL}\n[api]\nlisten = \"0.0.0.0:9100\"\nready_max_backlog_age = \"30s\"\n");
+    let config = load_str(&text, "m.toml").unwrap();
+    assert_eq!(config.api.listen.port(), 9100);
+    for (bad, says) in [
+        ("[api]\nlistne = \"127.0.0.1:1\"\n", "listne"),
+        (
+            "[api]\nready_max_backlog_age = \"0s\"\n",
+            "ready_max_backlog_age",
+        ),
+        ("[api]\nlisten = \"127.0.0.1:8080\"\n", "http source `api`"),
+    ] {
+        let err = load_str(&format!("{MINIMAL}\n{bad}"), "bad.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(says), "{bad:?} gave: {err}");
+    }
+}

@@ -33,6 +33,26 @@ pub(super) fn validate(config: &Config, origins: &Origins) -> Result<(), ConfigE
         );
     }
 
+    if config.api.ready_max_backlog_age.is_zero() {
+        return fail(
+            "api.ready_max_backlog_age".into(),
+            "must be greater than 0, e.g. \"5m\"".into(),
+        );
+    }
+    for (name, source) in &config.sources {
+        if let SourceConfig::Http(http) = source
+            && http.listen == config.api.listen
+        {
+            return fail(
+                "api.listen".into(),
+                format!(
+                    "{} is also the listen address of http source `{name}`: give [api] another port",
+                    config.api.listen
+                ),
+            );
+        }
+    }
+
     let mut names = HashSet::new();
     let components = config
         .sources

@@ -45,6 +45,9 @@ impl SpoolError {
     }
 }
 
+/// A sealed batch with its events, or `None` when nothing was unsealed.
+type SealResult = Result<Option<(BatchMeta, Vec<Event>)>, SpoolError>;
+
 /// Index of a sink in the spool, fixed for the life of a [`Spool`].
 pub type SinkId = usize;
 
@@ -61,7 +64,7 @@ enum Command {
         max_records: u64,
         max_bytes: u64,
         key: KeyFn,
-        reply: oneshot::Sender<Result<Option<(BatchMeta, Vec<Event>)>, SpoolError>>,
+        reply: oneshot::Sender<SealResult>,
     },
     Complete {
         sink: SinkId,
@@ -82,11 +85,7 @@ enum Reply {
         oneshot::Sender<Result<AppendOutcome, SpoolError>>,
         Result<AppendOutcome, SpoolError>,
     ),
-    Seal(
-        SinkId,
-        oneshot::Sender<Result<Option<(BatchMeta, Vec<Event>)>, SpoolError>>,
-        Result<Option<(BatchMeta, Vec<Event>)>, SpoolError>,
-    ),
+    Seal(SinkId, oneshot::Sender<SealResult>, SealResult),
     Complete(
         oneshot::Sender<Result<(), SpoolError>>,
         Result<(), SpoolError>,
@@ -178,7 +177,17 @@ impl Spool {
         let writer_db = db.clone();
         let writer = std::thread::Builder::new()
             .name("silt-spool".into())
-            .spawn(move || writer(state, writer_db, rx, writer_shared))
+            .spawn(move || {
+                let run =
+                    std::panic::AssertUnwindSafe(|| writer(state, writer_db, rx, writer_shared));
+                if std::panic::catch_unwind(run).is_err() {
+                    // Without its writer the agent can acknowledge nothing;
+                    // exit so the supervisor restarts it. Everything already
+                    // acknowledged is on disk.
+                    tracing::error!("spool writer panicked; exiting so the agent restarts");
+                    std::process::exit(70);
+                }
+            })
             .map_err(|e| SpoolError::Open {
                 path,
                 source: sled::Error::Io(e),
@@ -240,7 +249,7 @@ impl Spool {
         max_records: u64,
         max_bytes: u64,
         key: impl FnOnce(&Event, u64) -> String + Send + 'static,
-    ) -> Result<Option<(BatchMeta, Vec<Event>)>, SpoolError> {
+    ) -> SealResult {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Seal {
             sink,

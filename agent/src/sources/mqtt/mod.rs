@@ -6,6 +6,7 @@
 //! the broker owns the message, so a crash or a full spool loses nothing: it
 //! is redelivered on the next session.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::{
@@ -19,6 +20,7 @@ mod redelivery;
 
 use crate::config::MqttSourceConfig;
 use crate::event::{Event, now_ms};
+use crate::metrics::Metrics;
 use crate::spool::{Mark, SpoolError};
 use crate::transform::Ingest;
 use crate::transform::IngestError;
@@ -59,13 +61,20 @@ pub struct MqttSource {
     config: MqttSourceConfig,
     client_id: String,
     ingest: Ingest,
+    metrics: Arc<Metrics>,
 }
 
 /// Publishes committed in one spool append, at most.
 const COMMIT_GROUP: usize = 2048;
 
 impl MqttSource {
-    pub fn new(name: &str, config: MqttSourceConfig, agent: &str, ingest: Ingest) -> MqttSource {
+    pub fn new(
+        name: &str,
+        config: MqttSourceConfig,
+        agent: &str,
+        ingest: Ingest,
+        metrics: Arc<Metrics>,
+    ) -> MqttSource {
         let client_id = config
             .client_id
             .clone()
@@ -75,6 +84,7 @@ impl MqttSource {
             config,
             client_id,
             ingest,
+            metrics,
         }
     }
 
@@ -134,6 +144,7 @@ impl MqttSource {
             qos,
             reconnect_max: self.config.reconnect_max,
             client: &client,
+            metrics: &self.metrics,
         };
         conn.drive(eventloop, tx, &shutdown, committer_done).await;
         let _ = committer.await;
@@ -147,6 +158,7 @@ struct Connection<'a> {
     qos: QoS,
     reconnect_max: Duration,
     client: &'a AsyncClient,
+    metrics: &'a Metrics,
 }
 
 impl Connection<'_> {
@@ -173,6 +185,7 @@ impl Connection<'_> {
             match polled {
                 Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
                     failures = 0;
+                    self.metrics.mqtt_connected(self.name, true);
                     tracing::info!(
                         source = self.name,
                         session_present = ack.session_present,
@@ -207,6 +220,7 @@ impl Connection<'_> {
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    self.metrics.mqtt_connected(self.name, false);
                     if tx.is_none() {
                         break;
                     }
@@ -222,6 +236,7 @@ impl Connection<'_> {
                 }
             }
         }
+        self.metrics.mqtt_connected(self.name, false);
         let _ = self.client.try_disconnect();
         let flush = async {
             while let Ok(event) = eventloop.poll().await {
