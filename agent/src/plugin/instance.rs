@@ -3,7 +3,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use wasmtime::component::{HasSelf, Linker, ResourceTable};
+use wasmtime::component::{ComponentType, Func, HasSelf, Linker, Lower, ResourceTable, TypedFunc};
 use wasmtime::{Store, Trap};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -70,7 +70,26 @@ pub struct Plugin {
 struct Live {
     store: Store<State>,
     bindings: Transform,
+    /// The `process` export, type-checked against [`ProcessFn`] at
+    /// instantiation; called directly so the batch is lowered from borrowed
+    /// events (see [`EventIn`]).
+    process: Func,
 }
+
+/// A host event as the guest's `event` record, borrowing from [`Event`]:
+/// lowering copies the strings and the payload straight into guest memory,
+/// with no intermediate owned copy of the batch.
+#[derive(ComponentType, Lower)]
+#[component(record)]
+struct EventIn<'a> {
+    topic: &'a str,
+    #[component(name = "ts-ms")]
+    ts_ms: i64,
+    attributes: &'a [(String, String)],
+    payload: &'a [u8],
+}
+
+type ProcessFn<'a> = TypedFunc<(&'a [EventIn<'a>],), (Result<Vec<WitEvent>, String>,)>;
 
 struct State {
     plugin: Arc<str>,
@@ -128,8 +147,23 @@ impl Plugin {
 
     /// Transform one batch.
     pub fn process(&mut self, events: Vec<Event>) -> Result<Vec<Event>, PluginError> {
-        let input: Vec<WitEvent> = events.into_iter().map(to_wit).collect();
-        let out = self.call("process", |b, store| b.call_process(store, &input))?;
+        let input: Vec<EventIn<'_>> = events
+            .iter()
+            .map(|e| EventIn {
+                topic: &e.topic,
+                ts_ms: e.ts_ms,
+                attributes: &e.attributes,
+                payload: &e.payload,
+            })
+            .collect();
+        let out = self.call("process", |live| {
+            // SAFETY: `live.process` was type-checked as `ProcessFn` when the
+            // instance was created; the lifetime does not change the type.
+            let process: ProcessFn<'_> = unsafe { TypedFunc::new_unchecked(live.process) };
+            process
+                .call(&mut live.store, (input.as_slice(),))
+                .map(|(r,)| r)
+        })?;
         Ok(out.into_iter().map(from_wit).collect())
     }
 
@@ -137,7 +171,7 @@ impl Plugin {
     /// ms since the Unix epoch (negative values are clamped to 0).
     pub fn tick(&mut self, now_ms: i64) -> Result<Vec<Event>, PluginError> {
         let now = u64::try_from(now_ms).unwrap_or(0);
-        let out = self.call("tick", |b, store| b.call_tick(store, now))?;
+        let out = self.call("tick", |live| live.bindings.call_tick(&mut live.store, now))?;
         Ok(out.into_iter().map(from_wit).collect())
     }
 
@@ -167,13 +201,30 @@ impl Plugin {
         store.epoch_deadline_trap();
         // Instantiation runs the guest's start code, so it is a call too.
         arm(&mut store, &self.limits);
-        let bindings = match self.pre.instantiate(&mut store) {
+        let instantiated = self
+            .pre
+            .instance_pre()
+            .instantiate(&mut store)
+            .and_then(|instance| {
+                let bindings = Transform::new(&mut store, &instance)?;
+                let process = *instance
+                    .get_typed_func::<(&[EventIn<'_>],), (Result<Vec<WitEvent>, String>,)>(
+                        &mut store, "process",
+                    )?
+                    .func();
+                Ok((bindings, process))
+            });
+        let (bindings, process) = match instantiated {
             Ok(b) => b,
             Err(e) => return Err(classify(&self.name, "instantiate", &self.limits, &store, e)),
         };
         arm(&mut store, &self.limits);
         match bindings.call_init(&mut store, &self.config_json) {
-            Ok(Ok(())) => Ok(Live { store, bindings }),
+            Ok(Ok(())) => Ok(Live {
+                store,
+                bindings,
+                process,
+            }),
             Ok(Err(message)) => Err(PluginError::Init {
                 plugin: self.name.to_string(),
                 message,
@@ -185,7 +236,7 @@ impl Plugin {
     fn call<R>(
         &mut self,
         call: &'static str,
-        f: impl FnOnce(&Transform, &mut Store<State>) -> wasmtime::Result<Result<R, String>>,
+        f: impl FnOnce(&mut Live) -> wasmtime::Result<Result<R, String>>,
     ) -> Result<R, PluginError> {
         let live = match &mut self.live {
             Some(live) => live,
@@ -195,7 +246,7 @@ impl Plugin {
             }
         };
         arm(&mut live.store, &self.limits);
-        match f(&live.bindings, &mut live.store) {
+        match f(live) {
             Ok(Ok(out)) => Ok(out),
             Ok(Err(message)) => Err(PluginError::Failed {
                 plugin: self.name.to_string(),
@@ -267,15 +318,6 @@ fn classify(
             call,
             message: format!("{err:#}"),
         },
-    }
-}
-
-fn to_wit(e: Event) -> WitEvent {
-    WitEvent {
-        topic: e.topic,
-        ts_ms: e.ts_ms,
-        attributes: e.attributes,
-        payload: e.payload.to_vec(),
     }
 }
 
