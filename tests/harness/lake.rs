@@ -123,11 +123,14 @@ pub fn parse_object(
     out
 }
 
+/// An object already read: its size, records, and the attributes it was stored with.
+type CachedObject = (u64, Vec<LakeRecord>, Vec<(String, String)>);
+
 /// Reads a bucket through the S3 API. Objects are immutable, so ones already
 /// downloaded are cached and polling only fetches new keys.
 pub struct S3Lake {
     store: AmazonS3,
-    cache: HashMap<String, (u64, Vec<LakeRecord>, Vec<(String, String)>)>,
+    cache: HashMap<String, CachedObject>,
 }
 
 impl S3Lake {

@@ -158,11 +158,11 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let keep =
             std::thread::panicking() || std::env::var("SILT_TEST_KEEP").is_ok_and(|v| v == "1");
-        if let Some(d) = self.dir.take() {
-            if keep {
-                let p = d.keep();
-                eprintln!("[harness] kept scratch dir {}", p.display());
-            }
+        if let Some(d) = self.dir.take()
+            && keep
+        {
+            let p = d.keep();
+            eprintln!("[harness] kept scratch dir {}", p.display());
         }
     }
 }

@@ -156,11 +156,11 @@ pub async fn publish(
                 }
                 Ok(Event::Incoming(Packet::PubAck(a))) => {
                     let mut s = st2.lock().unwrap();
-                    if let Some(i) = s.inflight.remove(&a.pkid) {
-                        if !s.acked[i] {
-                            s.acked[i] = true;
-                            prog2.acked.fetch_add(1, Ordering::Relaxed);
-                        }
+                    if let Some(i) = s.inflight.remove(&a.pkid)
+                        && !s.acked[i]
+                    {
+                        s.acked[i] = true;
+                        prog2.acked.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => break,

@@ -8,6 +8,7 @@
 
 mod encode;
 mod key;
+mod progress;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +34,7 @@ pub struct Batcher {
     compression: Compression,
     retry_max: Duration,
     metrics: Arc<Metrics>,
+    progress: std::sync::Mutex<progress::BacklogProgress>,
 }
 
 enum Step {
@@ -67,6 +69,7 @@ impl Batcher {
             compression: config.compression,
             retry_max: config.retry_max,
             metrics,
+            progress: Default::default(),
         })
     }
 
@@ -233,10 +236,42 @@ impl Batcher {
                 }
             }
         }
+        let records = meta.records;
         let completed = self.spool.complete(self.sink, meta).await;
         self.metrics.uploading(&self.name, None);
         completed?;
+        self.report_progress(records);
         Ok(true)
+    }
+
+    fn report_progress(&self, records: u64) {
+        let stats = self.spool.stats(self.sink);
+        let left = (
+            stats.unsealed_records,
+            stats.unsealed_bytes + stats.sealed_bytes,
+        );
+        let backlog = left.0 > 2 * self.batch.max_records as u64;
+        let report = self.progress.lock().expect("lock").on_upload(
+            records,
+            left,
+            backlog,
+            std::time::Instant::now(),
+        );
+        match report {
+            Some(progress::Report::Draining {
+                records_left,
+                bytes_left,
+                records_per_sec,
+                eta,
+            }) => tracing::info!(
+                sink = %self.name, records_left, bytes_left, records_per_sec = records_per_sec.round(),
+                eta = %humantime::format_duration(Duration::from_secs(eta.as_secs())), "backlog draining"
+            ),
+            Some(progress::Report::Drained { records, took }) => tracing::info!(
+                sink = %self.name, records, took = ?took, "backlog drained"
+            ),
+            None => {}
+        }
     }
 }
 
