@@ -11,21 +11,24 @@ pub mod config;
 pub mod event;
 pub mod metrics;
 pub mod plugin;
+pub mod reload;
 pub mod sinks;
 pub mod sources;
 pub mod spool;
 pub mod transform;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use anyhow::Context;
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::Batcher;
 use crate::config::{Config, SourceConfig};
 use crate::metrics::Metrics;
+use crate::plugin::Plugin;
+use crate::reload::Reloader;
 use crate::sources::{http::HttpSource, mqtt::MqttSource};
 use crate::spool::Spool;
 use crate::transform::Ingest;
@@ -36,116 +39,224 @@ const TICK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 /// Runs the pipeline until `shutdown` is cancelled, then stops the sources,
 /// uploads what it can within `agent.shutdown_timeout`, and flushes the spool.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let data_dir = &config.agent.data_dir;
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("cannot create data_dir {}", data_dir.display()))?;
+    run_with_reload(config, shutdown, None).await
+}
+
+/// [`run`], swapping in a new config when `reloader` asks. The new config
+/// and its plugins are loaded first; if anything fails the running pipeline
+/// stays. Otherwise sources stop (acknowledging what they committed), the
+/// old pipeline hands over its spool, and the new one starts on it: sealed
+/// batches and unsent records of sinks that remain carry over.
+pub async fn run_with_reload(
+    config: Config,
+    shutdown: CancellationToken,
+    mut reloader: Option<Reloader>,
+) -> anyhow::Result<()> {
     let plugins = transform::load_plugins(&config)?;
-    let dead_letter =
-        plugin::DeadLetter::new(config.agent.dead_letter_dir()).with_context(|| {
-            format!(
-                "cannot create dead-letter dir {}",
-                config.agent.dead_letter_dir().display()
-            )
-        })?;
-    let sink_names: Vec<String> = config.sinks.keys().cloned().collect();
-    let spool = Spool::open(data_dir, &sink_names, &config.spool)?;
-    let metrics = Arc::new(Metrics::new(&config));
-    let api_stop = CancellationToken::new();
-    let api = match api::ApiServer::bind(&config.api, metrics.clone(), spool.clone()).await {
-        Ok(server) => Some(tokio::spawn(server.run(api_stop.clone()))),
+    if let Some(r) = &mut reloader {
+        r.watch(&config);
+    }
+    let mut pipeline = Pipeline::start(config, plugins).await?;
+    loop {
+        let why = async {
+            match &mut reloader {
+                Some(r) => r.requested().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            why = why => {
+                let r = reloader.as_mut().expect("only a reloader asks");
+                pipeline = reload(pipeline, r, why).await?;
+            }
+        }
+    }
+    pipeline.stop(Stop::Shutdown).await
+}
+
+async fn reload(old: Pipeline, reloader: &mut Reloader, why: &str) -> anyhow::Result<Pipeline> {
+    tracing::info!(trigger = why, "reloading config");
+    let candidate = reloader
+        .load()
+        .map_err(anyhow::Error::from)
+        .and_then(|c| Ok((transform::load_plugins(&c)?, c)));
+    let (plugins, config) = match candidate {
+        Ok(loaded) => loaded,
         Err(e) => {
-            // Metrics matter less than data: run without the admin endpoints.
-            tracing::error!(addr = %config.api.listen, error = %e, "admin api cannot listen; running without /metrics, /healthz and /readyz (set [api] listen)");
-            None
+            tracing::error!(error = %format!("{e:#}"), "reload rejected; the running pipeline stays as it is");
+            return Ok(old);
         }
     };
-
-    let sources_stop = CancellationToken::new();
-    let mut sources = JoinSet::new();
-    let drain = CancellationToken::new();
-    let stop = CancellationToken::new();
-    let mut batchers = JoinSet::new();
-    for (name, sink) in &config.sinks {
-        let store = sinks::build(name, sink)?;
-        let id = spool.sink_id(name).expect("spool opened with every sink");
-        let agent = &config.agent.id;
-        let batcher = Batcher::new(id, name, agent, spool.clone(), store, sink, metrics.clone())
-            .map_err(|e| anyhow::anyhow!("sink {name}: {e}"))?;
-        batchers.spawn(batcher.run(drain.clone(), stop.clone()));
+    let previous = old.config.clone();
+    old.stop(Stop::Handover).await?;
+    reloader.watch(&config);
+    match Pipeline::start(config, plugins).await {
+        Ok(new) => {
+            tracing::info!("reload applied");
+            Ok(new)
+        }
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "new config failed to start; going back to the previous one");
+            let plugins = transform::load_plugins(&previous)?;
+            reloader.watch(&previous);
+            Pipeline::start(previous, plugins).await
+        }
     }
+}
 
-    let ingest = Ingest::new(
-        &config,
-        spool.clone(),
-        plugins,
-        dead_letter,
-        metrics.clone(),
-    );
-    if !config.transforms.is_empty() {
-        let ticker = ingest.clone();
-        let stop_ticks = sources_stop.clone();
-        sources.spawn(async move {
-            let mut interval = tokio::time::interval(TICK_INTERVAL);
-            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = interval.tick() => ticker.tick(event::now_ms()).await,
-                    _ = stop_ticks.cancelled() => return,
-                }
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// Seal and upload within `shutdown_timeout`.
+    Shutdown,
+    /// Stop at once; the next pipeline uploads what is spooled.
+    Handover,
+}
+
+/// One running configuration: spool, batchers, sources, admin API.
+struct Pipeline {
+    config: Config,
+    spool: Spool,
+    ingest: Ingest,
+    sources: JoinSet<()>,
+    sources_stop: CancellationToken,
+    batchers: JoinSet<()>,
+    drain: CancellationToken,
+    stop: CancellationToken,
+    api: Option<JoinHandle<()>>,
+    api_stop: CancellationToken,
+}
+
+impl Pipeline {
+    async fn start(config: Config, plugins: HashMap<String, Plugin>) -> anyhow::Result<Pipeline> {
+        let data_dir = &config.agent.data_dir;
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("cannot create data_dir {}", data_dir.display()))?;
+        let dead_letter_dir = config.agent.dead_letter_dir();
+        let dead_letter = plugin::DeadLetter::new(&dead_letter_dir).with_context(|| {
+            format!(
+                "cannot create dead-letter dir {}",
+                dead_letter_dir.display()
+            )
+        })?;
+        let sink_names: Vec<String> = config.sinks.keys().cloned().collect();
+        let spool = Spool::open(data_dir, &sink_names, &config.spool)?;
+        let metrics = Arc::new(Metrics::new(&config));
+        let api_stop = CancellationToken::new();
+        let api = match api::ApiServer::bind(&config.api, metrics.clone(), spool.clone()).await {
+            Ok(server) => Some(tokio::spawn(server.run(api_stop.clone()))),
+            Err(e) => {
+                // Metrics matter less than data: run without the admin endpoints.
+                tracing::error!(addr = %config.api.listen, error = %e, "admin api cannot listen; running without /metrics, /healthz and /readyz (set [api] listen)");
+                None
             }
-        });
-    }
-    let mut http = BTreeMap::new();
-    for (name, source) in &config.sources {
-        if let SourceConfig::Http(cfg) = source {
-            http.insert(
-                name.clone(),
-                HttpSource::bind(name, cfg, ingest.clone()).await?,
-            );
-        }
-    }
-    for (_, source) in http {
-        sources.spawn(source.run(sources_stop.clone()));
-    }
-    for (name, source) in &config.sources {
-        if let SourceConfig::Mqtt(cfg) = source {
-            let (agent, ingest) = (&config.agent.id, ingest.clone());
-            let mqtt = MqttSource::new(name, cfg.clone(), agent, ingest, metrics.clone());
-            let token = sources_stop.clone();
-            let name = name.clone();
-            sources.spawn(async move {
-                if let Err(e) = mqtt.run(token).await {
-                    tracing::error!(source = %name, error = %e, "mqtt source stopped");
-                }
-            });
-        }
-    }
-    tracing::info!(agent = %config.agent.id, sources = config.sources.len(), sinks = config.sinks.len(), "silt running");
+        };
 
-    shutdown.cancelled().await;
-    tracing::info!("shutting down: stopping sources");
-    sources_stop.cancel();
-    while sources.join_next().await.is_some() {}
+        let (drain, stop) = (CancellationToken::new(), CancellationToken::new());
+        let mut batchers = JoinSet::new();
+        for (name, sink) in &config.sinks {
+            let store = sinks::build(name, sink)?;
+            let id = spool.sink_id(name).expect("spool opened with every sink");
+            let agent = &config.agent.id;
+            let batcher =
+                Batcher::new(id, name, agent, spool.clone(), store, sink, metrics.clone())
+                    .map_err(|e| anyhow::anyhow!("sink {name}: {e}"))?;
+            batchers.spawn(batcher.run(drain.clone(), stop.clone()));
+        }
 
-    tracing::info!(timeout = ?config.agent.shutdown_timeout, "sealing and uploading what is spooled");
-    drain.cancel();
-    let drained = tokio::time::timeout(config.agent.shutdown_timeout, async {
-        while batchers.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!(
-            "shutdown_timeout reached; what is not uploaded stays in the spool for the next start"
+        let ingest = Ingest::new(
+            &config,
+            spool.clone(),
+            plugins,
+            dead_letter,
+            metrics.clone(),
         );
-        stop.cancel();
-        while batchers.join_next().await.is_some() {}
+        let sources_stop = CancellationToken::new();
+        let mut sources = JoinSet::new();
+        if !config.transforms.is_empty() {
+            sources.spawn(tick_plugins(ingest.clone(), sources_stop.clone()));
+        }
+        let mut http = BTreeMap::new();
+        for (name, source) in &config.sources {
+            if let SourceConfig::Http(cfg) = source {
+                http.insert(
+                    name.clone(),
+                    HttpSource::bind(name, cfg, ingest.clone()).await?,
+                );
+            }
+        }
+        for (_, source) in http {
+            sources.spawn(source.run(sources_stop.clone()));
+        }
+        for (name, source) in &config.sources {
+            if let SourceConfig::Mqtt(cfg) = source {
+                let (agent, ingest) = (&config.agent.id, ingest.clone());
+                let mqtt = MqttSource::new(name, cfg.clone(), agent, ingest, metrics.clone());
+                let token = sources_stop.clone();
+                let name = name.clone();
+                sources.spawn(async move {
+                    if let Err(e) = mqtt.run(token).await {
+                        tracing::error!(source = %name, error = %e, "mqtt source stopped");
+                    }
+                });
+            }
+        }
+        tracing::info!(agent = %config.agent.id, sources = config.sources.len(), sinks = config.sinks.len(), "silt running");
+        Ok(Pipeline {
+            config,
+            spool,
+            ingest,
+            sources,
+            sources_stop,
+            batchers,
+            drain,
+            stop,
+            api,
+            api_stop,
+        })
     }
-    drop(ingest);
-    api_stop.cancel();
-    if let Some(api) = api {
-        let _ = api.await;
+
+    async fn stop(mut self, how: Stop) -> anyhow::Result<()> {
+        tracing::info!("stopping sources");
+        self.sources_stop.cancel();
+        while self.sources.join_next().await.is_some() {}
+
+        if how == Stop::Shutdown {
+            let timeout = self.config.agent.shutdown_timeout;
+            tracing::info!(timeout = ?timeout, "sealing and uploading what is spooled");
+            self.drain.cancel();
+            let drained = tokio::time::timeout(timeout, async {
+                while self.batchers.join_next().await.is_some() {}
+            })
+            .await;
+            if drained.is_err() {
+                tracing::warn!(
+                    "shutdown_timeout reached; what is not uploaded stays in the spool for the next start"
+                );
+            }
+        }
+        // An upload cut short here is repeated under the same key later.
+        self.stop.cancel();
+        while self.batchers.join_next().await.is_some() {}
+        drop(self.ingest);
+        self.api_stop.cancel();
+        if let Some(api) = self.api {
+            let _ = api.await;
+        }
+        let spool = self.spool;
+        tokio::task::spawn_blocking(move || spool.close()).await??;
+        tracing::info!(handover = how == Stop::Handover, "pipeline stopped");
+        Ok(())
     }
-    tokio::task::spawn_blocking(move || spool.close()).await??;
-    tracing::info!("silt stopped");
-    Ok(())
+}
+
+async fn tick_plugins(ingest: Ingest, stop: CancellationToken) {
+    let mut interval = tokio::time::interval(TICK_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => ingest.tick(event::now_ms()).await,
+            _ = stop.cancelled() => return,
+        }
+    }
 }

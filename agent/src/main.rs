@@ -15,13 +15,23 @@ use tokio_util::sync::CancellationToken;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines on stderr as text, or as one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent until SIGINT or SIGTERM.
     Run {
-        /// A config file, or a directory of *.toml files merged in name order.
+        /// A config file, or a directory of *.toml files merged in name order
+        /// (base.toml, site/*.toml, ..., device.toml when it has base.toml).
         /// Without it, the built-in quickstart config (configs/quickstart.toml).
         #[arg(short, long)]
         config: Option<PathBuf>,
@@ -30,6 +40,9 @@ enum Command {
     Check {
         #[arg(short, long)]
         config: PathBuf,
+        /// Print the merged config, each key with the file:line that set it.
+        #[arg(long)]
+        print: bool,
     },
     /// Inspect the spool of a stopped agent.
     Spool {
@@ -82,21 +95,34 @@ enum PluginCommand {
         #[arg(long)]
         input: Option<PathBuf>,
     },
+    /// Create a plugin crate (SDK, unit test, fixture, README) ready to build.
+    New {
+        /// Crate name, e.g. `tag-site`.
+        name: String,
+        /// Where to create it [default: plugins/NAME in this silt checkout,
+        /// added to the plugins workspace]; elsewhere a standalone crate.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SILT_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     let result = match cli.command {
         Command::Run { config } => run(config),
-        Command::Check { config } => check(config),
+        Command::Check { config, print } => check(config, print),
         Command::Spool { command } => spool(command),
         Command::Plugin {
             command:
@@ -111,6 +137,9 @@ fn main() -> ExitCode {
             input.as_deref(),
             &mut std::io::stdout().lock(),
         ),
+        Command::Plugin {
+            command: PluginCommand::New { name, dir },
+        } => silt::plugin::scaffold::plugin_new_cli(&name, dir.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -155,7 +184,16 @@ fn spool(command: SpoolCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn check(path: PathBuf) -> anyhow::Result<()> {
+fn check(path: PathBuf, print: bool) -> anyhow::Result<()> {
+    if print {
+        // Stdout stays TOML: the merged config, then comments.
+        let (config, annotated) = silt::config::load_annotated(&path)?;
+        print!("{annotated}");
+        let plugins = silt::transform::load_plugins(&config)?;
+        println!("\n# plugins loaded and initialised: {}", plugins.len());
+        println!("# config ok: {}", path.display());
+        return Ok(());
+    }
     let config = silt::config::load(&path)?;
     let plugins = silt::transform::load_plugins(&config)?;
     print!("{}", config.graph());
@@ -170,8 +208,8 @@ fn check(path: PathBuf) -> anyhow::Result<()> {
 const QUICKSTART: &str = include_str!("../../configs/quickstart.toml");
 
 fn run(path: Option<PathBuf>) -> anyhow::Result<()> {
-    let config = match path {
-        Some(path) => silt::config::load(&path)?,
+    let config = match &path {
+        Some(path) => silt::config::load(path)?,
         None => silt::config::load_str(QUICKSTART, "<built-in configs/quickstart.toml>")?,
     };
     let runtime = tokio::runtime::Runtime::new()?;
@@ -182,7 +220,16 @@ fn run(path: Option<PathBuf>) -> anyhow::Result<()> {
             wait_for_signal().await;
             signal.cancel();
         });
-        silt::run(config, shutdown).await
+        // The built-in config has no file to reload from.
+        let reloader = match &path {
+            Some(path) => {
+                let reloader = silt::reload::Reloader::new(path);
+                reloader.listen_for_sighup()?;
+                Some(reloader)
+            }
+            None => None,
+        };
+        silt::run_with_reload(config, shutdown, reloader).await
     })
 }
 
