@@ -202,6 +202,7 @@ impl Pipeline {
             }
         }
         tracing::info!(agent = %config.agent.id, sources = config.sources.len(), sinks = config.sinks.len(), "silt running");
+        notify_systemd_ready();
         Ok(Pipeline {
             config,
             spool,
@@ -247,6 +248,24 @@ impl Pipeline {
         tokio::task::spawn_blocking(move || spool.close()).await??;
         tracing::info!(handover = how == Stop::Handover, "pipeline stopped");
         Ok(())
+    }
+}
+
+/// Tells systemd (`Type=notify`) that silt is up, when run under it.
+fn notify_systemd_ready() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let socket = socket.to_string_lossy();
+    let addr = match socket.strip_prefix('@') {
+        Some(abstract_name) => SocketAddr::from_abstract_name(abstract_name.as_bytes()),
+        None => SocketAddr::from_pathname(socket.as_ref()),
+    };
+    let sent = addr.and_then(|addr| UnixDatagram::unbound()?.send_to_addr(b"READY=1", &addr));
+    if let Err(e) = sent {
+        tracing::warn!(socket = %socket, error = %e, "could not notify systemd of readiness");
     }
 }
 

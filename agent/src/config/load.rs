@@ -1,5 +1,8 @@
-//! Reading config files: `${VAR}` substitution, merging a directory of
-//! `*.toml` in name order, and errors that point at a file, line and key.
+//! Reading config files: `${VAR}` substitution (from the environment, then
+//! an optional `env` file), merging a directory of `*.toml` (plain: name
+//! order; fleet: `base.toml`, `site/*.toml`, the rest, `device.toml`), errors
+//! that point at a file, line and key, and the merged config annotated with
+//! where each key came from (`silt check --print`).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -93,9 +96,53 @@ impl Origins {
     }
 }
 
-/// Loads a config file, or every `*.toml` in a directory merged in name order.
+/// A directory holding this file is a fleet layout (see [`config_files`]).
+pub const FLEET_BASE: &str = "base.toml";
+/// In a fleet layout, merged last.
+pub const FLEET_DEVICE: &str = "device.toml";
+/// In a fleet layout, overlays merged right after `base.toml`.
+pub const FLEET_SITE_DIR: &str = "site";
+/// `NAME=value` lines next to the `*.toml` of a config directory, used for
+/// `${NAME}` when the environment does not set `NAME`.
+pub const ENV_FILE: &str = "env";
+
+/// Loads a config file, or a directory of `*.toml` merged in the order of
+/// [`config_files`].
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    load_merged(path, &|name| std::env::var(name).ok()).map(|(config, _, _)| config)
+}
+
+/// [`load`] with `env` standing in for the process environment.
+#[cfg(test)]
+pub(super) fn load_with_env(
+    path: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    load_merged(path, env).map(|(config, _, _)| config)
+}
+
+/// Loads like [`load`], and also renders the merged config as TOML, each key
+/// followed by `# FILE:LINE` of the file that set it last (paths relative to
+/// a config directory). Secrets (`password`, `secret_access_key`,
+/// `auth_token`) are shown as `"<redacted>"`.
+pub fn load_annotated(path: &Path) -> Result<(Config, String), ConfigError> {
+    let (config, merged, origins) = load_merged(path, &|name| std::env::var(name).ok())?;
+    let base = path.is_dir().then_some(path);
+    Ok((config, render(&merged, &origins, base)))
+}
+
+fn load_merged(
+    path: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(Config, toml::Table, Origins), ConfigError> {
     let files = config_files(path)?;
+    let vars = if path.is_dir() {
+        read_env_file(&path.join(ENV_FILE))?
+    } else {
+        HashMap::new()
+    };
+    // The real environment wins over the env file.
+    let lookup = |name: &str| env(name).or_else(|| vars.get(name).cloned());
     let mut merged = toml::Table::new();
     let mut origins = Origins::default();
     for file in &files {
@@ -103,55 +150,222 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             path: file.clone(),
             source,
         })?;
-        let table = parse_file(&text, Some(file), &mut origins)?;
+        let table = parse_file(&text, Some(file), &lookup, &mut origins)?;
         merge(&mut merged, table);
     }
-    finish(merged, &origins)
+    let config = finish(&merged, &origins)?;
+    Ok((config, merged, origins))
 }
 
 /// Loads config from a string, as if it were one file called `name`.
 pub fn load_str(text: &str, name: &str) -> Result<Config, ConfigError> {
     let mut origins = Origins::default();
-    let table = parse_file(text, Some(Path::new(name)), &mut origins)?;
-    finish(table, &origins)
+    let lookup = |name: &str| std::env::var(name).ok();
+    let table = parse_file(text, Some(Path::new(name)), &lookup, &mut origins)?;
+    finish(&table, &origins)
 }
 
-fn finish(merged: toml::Table, origins: &Origins) -> Result<Config, ConfigError> {
+fn finish(merged: &toml::Table, origins: &Origins) -> Result<Config, ConfigError> {
     let config: Config = serde_path_to_error::deserialize(toml::Value::Table(merged.clone()))
-        .map_err(|e| deserialize_error(e, &merged, origins))?;
+        .map_err(|e| deserialize_error(e, merged, origins))?;
     super::validate::validate(&config, origins)?;
     Ok(config)
 }
 
-fn config_files(path: &Path) -> Result<Vec<PathBuf>, ConfigError> {
-    let read_err = |source| ConfigError::Read {
-        path: path.to_path_buf(),
-        source,
-    };
+/// The files behind `-c PATH`, in merge order.
+///
+/// - A file: just that file.
+/// - A directory with `base.toml` (fleet layout): `base.toml`, then
+///   `site/*.toml` in name order, then the other top-level `*.toml` in name
+///   order, then `device.toml` last.
+/// - Any other directory: its top-level `*.toml` in name order.
+pub fn config_files(path: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     if !path.is_dir() {
-        std::fs::metadata(path).map_err(read_err)?;
+        std::fs::metadata(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         return Ok(vec![path.to_path_buf()]);
     }
+    let top = toml_files_in(path)?;
+    let base = path.join(FLEET_BASE);
+    if !top.contains(&base) {
+        if top.is_empty() {
+            return Err(ConfigError::NoFiles(path.to_path_buf()));
+        }
+        return Ok(top);
+    }
+    let device = path.join(FLEET_DEVICE);
+    let site = path.join(FLEET_SITE_DIR);
+    let mut files = vec![base.clone()];
+    if site.is_dir() {
+        files.extend(toml_files_in(&site)?);
+    }
+    files.extend(top.iter().filter(|f| **f != base && **f != device).cloned());
+    if top.contains(&device) {
+        files.push(device);
+    }
+    Ok(files)
+}
+
+/// The `*.toml` files directly in `dir`, in name order.
+fn toml_files_in(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+    let read_err = |source| ConfigError::Read {
+        path: dir.to_path_buf(),
+        source,
+    };
     let mut files = Vec::new();
-    for entry in std::fs::read_dir(path).map_err(read_err)? {
+    for entry in std::fs::read_dir(dir).map_err(read_err)? {
         let p = entry.map_err(read_err)?.path();
         if p.extension().is_some_and(|e| e == "toml") && p.is_file() {
             files.push(p);
         }
     }
     files.sort();
-    if files.is_empty() {
-        return Err(ConfigError::NoFiles(path.to_path_buf()));
-    }
     Ok(files)
+}
+
+/// Reads `NAME=value` lines; a missing file is empty. Blank lines and `#`
+/// comments are skipped, `export ` before a name is allowed, and a value in
+/// matching single or double quotes loses them (no escapes).
+fn read_env_file(path: &Path) -> Result<HashMap<String, String>, ConfigError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashMap::new()),
+        Err(source) => {
+            return Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    parse_env(&text, path)
+}
+
+fn parse_env(text: &str, path: &Path) -> Result<HashMap<String, String>, ConfigError> {
+    let mut vars = HashMap::new();
+    for (index, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").unwrap_or(line).trim_start();
+        let at = || Location {
+            file: Some(path.to_path_buf()),
+            line: Some(index + 1),
+            key: None,
+        };
+        let Some((name, value)) = line.split_once('=') else {
+            return Err(ConfigError::invalid(at(), "expected NAME=value"));
+        };
+        let name = name.trim();
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(ConfigError::invalid(
+                at(),
+                format!("`{name}` is not a valid variable name"),
+            ));
+        }
+        let value = value.trim();
+        let value = [('"', '"'), ('\'', '\'')]
+            .iter()
+            .find_map(|(open, close)| {
+                value
+                    .strip_prefix(*open)
+                    .and_then(|v| v.strip_suffix(*close))
+            })
+            .unwrap_or(value);
+        vars.insert(name.to_string(), value.to_string());
+    }
+    Ok(vars)
+}
+
+/// Keys whose values `--print` hides.
+const SECRET_KEYS: [&str; 3] = ["password", "secret_access_key", "auth_token"];
+
+fn render(merged: &toml::Table, origins: &Origins, base: Option<&Path>) -> String {
+    let mut out = String::new();
+    render_table(merged, "", "", origins, base, &mut out);
+    out
+}
+
+fn render_table(
+    table: &toml::Table,
+    path: &str,
+    header: &str,
+    origins: &Origins,
+    base: Option<&Path>,
+    out: &mut String,
+) {
+    let join = |prefix: &str, key: &str| {
+        if prefix.is_empty() {
+            key.to_string()
+        } else {
+            format!("{prefix}.{key}")
+        }
+    };
+    let annotate = |out: &mut String, line: String, key: &str| {
+        match origins.0.get(key) {
+            Some((file, at)) => {
+                let file = base.and_then(|b| file.strip_prefix(b).ok()).unwrap_or(file);
+                out.push_str(&format!("{line:<40}  # {}:{at}\n", file.display()));
+            }
+            None => out.push_str(&format!("{line}\n")),
+        };
+    };
+    let (tables, values): (Vec<_>, Vec<_>) = table.iter().partition(|(_, v)| v.is_table());
+    if !header.is_empty() && (!values.is_empty() || tables.is_empty()) {
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        annotate(out, format!("[{header}]"), path);
+    }
+    for (key, value) in values {
+        let shown = match value {
+            toml::Value::String(s) if !s.is_empty() && SECRET_KEYS.contains(&key.as_str()) => {
+                "\"<redacted>\"".to_string()
+            }
+            _ => value.to_string(),
+        };
+        annotate(
+            out,
+            format!("{} = {shown}", toml_key(key)),
+            &join(path, key),
+        );
+    }
+    for (key, value) in tables {
+        if let toml::Value::Table(inner) = value {
+            render_table(
+                inner,
+                &join(path, key),
+                &join(header, &toml_key(key)),
+                origins,
+                base,
+                out,
+            );
+        }
+    }
+}
+
+/// A key as TOML writes it: bare when it can be, quoted otherwise.
+fn toml_key(key: &str) -> String {
+    let bare = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if bare {
+        key.to_string()
+    } else {
+        toml::Value::String(key.to_string()).to_string()
+    }
 }
 
 fn parse_file(
     text: &str,
     file: Option<&Path>,
+    lookup: &dyn Fn(&str) -> Option<String>,
     origins: &mut Origins,
 ) -> Result<toml::Table, ConfigError> {
-    let text = substitute_env(text, file, |name| std::env::var(name).ok())?;
+    let text = substitute_env(text, file, lookup)?;
     let located = |span: Option<std::ops::Range<usize>>| Location {
         file: file.map(Path::to_path_buf),
         line: span.map(|s| line_of(&text, s.start)),

@@ -17,7 +17,10 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::Deserialize;
 
-pub use load::{ConfigError, load, load_str};
+pub use load::{
+    ConfigError, ENV_FILE, FLEET_BASE, FLEET_DEVICE, FLEET_SITE_DIR, config_files, load,
+    load_annotated, load_str,
+};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -221,3 +221,235 @@ fn api_defaults_and_checks() {
         assert!(err.contains(says), "{bad:?} gave: {err}");
     }
 }
+
+// ------------------------------------------------------------ fleet layout
+
+const FLEET_BASE_TOML: &str = r#"[agent]
+id = "base"
+
+[sources.m]
+type = "mqtt"
+url = "mqtt://base:1883"
+topics = ["a/#", "b/#"]
+
+[sinks.lake]
+type = "file"
+inputs = ["m"]
+path = "./lake"
+batch = { max_records = 10, max_age = "30s" }
+"#;
+
+#[test]
+fn fleet_directory_merges_base_site_others_then_device() {
+    let dir = tempfile::tempdir().unwrap();
+    // Written so that plain name order would differ from the fleet order.
+    write(dir.path(), "device.toml", "[agent]\nid = \"dev\"\n");
+    write(dir.path(), "base.toml", FLEET_BASE_TOML);
+    write(dir.path(), "zz-local.toml", "[agent]\nid = \"local\"\n");
+    write(
+        dir.path(),
+        "aa-local.toml",
+        "[sinks.lake]\ncompression = \"none\"\n",
+    );
+    std::fs::create_dir(dir.path().join("site")).unwrap();
+    write(
+        &dir.path().join("site"),
+        "b.toml",
+        "[sources.m]\nurl = \"mqtt://site-b:1883\"\n",
+    );
+    write(
+        &dir.path().join("site"),
+        "a.toml",
+        "[agent]\nid = \"site\"\n[sources.m]\nurl = \"mqtt://site-a:1883\"\n",
+    );
+    write(&dir.path().join("site"), "notes.txt", "ignored");
+    let names: Vec<String> = config_files(dir.path())
+        .unwrap()
+        .iter()
+        .map(|p| {
+            p.strip_prefix(dir.path())
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "base.toml",
+            "site/a.toml",
+            "site/b.toml",
+            "aa-local.toml",
+            "zz-local.toml",
+            "device.toml"
+        ]
+    );
+    let config = load(dir.path()).unwrap();
+    assert_eq!(config.agent.id, "dev");
+    assert_eq!(config.sinks["lake"].compression, Compression::None);
+    let SourceConfig::Mqtt(m) = &config.sources["m"] else {
+        panic!("mqtt source expected")
+    };
+    assert_eq!(m.url, "mqtt://site-b:1883");
+
+    // Without device.toml, the last other top-level file wins.
+    std::fs::remove_file(dir.path().join("device.toml")).unwrap();
+    assert_eq!(load(dir.path()).unwrap().agent.id, "local");
+}
+
+#[test]
+fn without_base_toml_a_directory_keeps_name_order_and_ignores_site() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.toml", MINIMAL);
+    write(dir.path(), "device.toml", "[agent]\nid = \"dev\"\n");
+    write(dir.path(), "z.toml", "[agent]\nid = \"z\"\n");
+    std::fs::create_dir(dir.path().join("site")).unwrap();
+    write(
+        &dir.path().join("site"),
+        "s.toml",
+        "[agent]\nid = \"site\"\n",
+    );
+    assert_eq!(load(dir.path()).unwrap().agent.id, "z");
+}
+
+#[test]
+fn overlay_arrays_replace_and_inline_tables_merge() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "base.toml", FLEET_BASE_TOML);
+    std::fs::create_dir(dir.path().join("site")).unwrap();
+    write(
+        &dir.path().join("site"),
+        "x.toml",
+        "[sources.m]\ntopics = [\"c/#\"]\n[sinks.lake]\nbatch = { max_age = \"5s\" }\n",
+    );
+    let config = load(dir.path()).unwrap();
+    let SourceConfig::Mqtt(m) = &config.sources["m"] else {
+        panic!("mqtt source expected")
+    };
+    assert_eq!(m.topics, ["c/#"]);
+    let batch = &config.sinks["lake"].batch;
+    assert_eq!(batch.max_records, 10);
+    assert_eq!(batch.max_age, std::time::Duration::from_secs(5));
+}
+
+#[test]
+fn env_file_fills_variables_and_the_environment_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "base.toml",
+        &FLEET_BASE_TOML
+            .replace("id = \"base\"", "id = \"${SILT_T_ENVFILE_ID}\"")
+            .replace("./lake", "${SILT_T_ENVFILE_PATH}")
+            .replace("mqtt://base:1883", "${SILT_T_ENVFILE_URL:-mqtt://d:1}"),
+    );
+    write(
+        dir.path(),
+        ENV_FILE,
+        "# comment\n\nSILT_T_ENVFILE_ID=from-file\nexport SILT_T_ENVFILE_PATH=\"/srv/lake\"\n\
+         SILT_T_ENVFILE_URL='mqtt://file:1883'\n",
+    );
+    let environment =
+        |name: &str| (name == "SILT_T_ENVFILE_URL").then(|| "mqtt://env:1883".to_string());
+    let config = load::load_with_env(dir.path(), &environment).unwrap();
+    assert_eq!(config.agent.id, "from-file");
+    assert_eq!(
+        config.sinks["lake"].path.as_deref(),
+        Some(Path::new("/srv/lake"))
+    );
+    let SourceConfig::Mqtt(m) = &config.sources["m"] else {
+        panic!("mqtt source expected")
+    };
+    assert_eq!(m.url, "mqtt://env:1883");
+
+    // Without the file the variable is missing, named with file and line.
+    std::fs::remove_file(dir.path().join(ENV_FILE)).unwrap();
+    let err = load(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("base.toml:2: "), "{err}");
+    assert!(err.contains("SILT_T_ENVFILE_ID is not set"), "{err}");
+
+    // A malformed line in the env file names the file and line.
+    write(dir.path(), ENV_FILE, "A=1\nnot a var line\n");
+    let err = load(dir.path()).unwrap_err().to_string();
+    assert!(
+        err.starts_with(&format!("{}:2: ", dir.path().join(ENV_FILE).display())),
+        "{err}"
+    );
+}
+
+#[test]
+fn print_annotates_keys_with_their_origin() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "base.toml", FLEET_BASE_TOML);
+    std::fs::create_dir(dir.path().join("site")).unwrap();
+    write(
+        &dir.path().join("site"),
+        "berlin.toml",
+        "# Berlin\n\n[sources.m]\nurl = \"mqtt://berlin:1883\"\npassword = \"hunter2\"\nusername = \"u\"\n",
+    );
+    write(dir.path(), "device.toml", "[agent]\nid = \"gw-7\"\n");
+    let (config, text) = load_annotated(dir.path()).unwrap();
+    assert_eq!(config.agent.id, "gw-7");
+    let line_of = |needle: &str| {
+        text.lines()
+            .find(|l| l.starts_with(needle))
+            .unwrap_or_else(|| panic!("no `{needle}` line in:\n{text}"))
+    };
+    assert!(
+        line_of("url = ").ends_with("# site/berlin.toml:4"),
+        "{text}"
+    );
+    assert!(
+        line_of("url = ").contains("\"mqtt://berlin:1883\""),
+        "{text}"
+    );
+    assert!(line_of("id = ").ends_with("# device.toml:2"), "{text}");
+    assert!(
+        line_of("type = \"mqtt\"").ends_with("# base.toml:5"),
+        "{text}"
+    );
+    assert!(
+        line_of("topics = ").contains("[\"a/#\", \"b/#\"]"),
+        "{text}"
+    );
+    assert!(line_of("password = ").contains("\"<redacted>\""), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+    assert!(line_of("[sinks.lake]").ends_with("# base.toml:9"), "{text}");
+    // The printout is TOML that means the same config.
+    let reparsed: toml::Table = toml::from_str(&text).unwrap();
+    assert_eq!(reparsed["agent"]["id"].as_str(), Some("gw-7"));
+    assert_eq!(
+        reparsed["sinks"]["lake"]["batch"]["max_records"].as_integer(),
+        Some(10)
+    );
+}
+
+#[test]
+fn bad_site_overlay_names_its_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "base.toml", FLEET_BASE_TOML);
+    std::fs::create_dir(dir.path().join("site")).unwrap();
+    let bad = write(
+        &dir.path().join("site"),
+        "berlin.toml",
+        "[sources.m]\nurl = \"mqtt://b:1\"\nqos = \"high\"\n",
+    );
+    let err = load(dir.path()).unwrap_err().to_string();
+    assert!(
+        err.starts_with(&format!("{}:3: key `sources.m.qos`", bad.display())),
+        "{err}"
+    );
+    // A syntax error too.
+    write(&dir.path().join("site"), "berlin.toml", "[sources.m\n");
+    let err = load(dir.path()).unwrap_err().to_string();
+    assert!(err.starts_with(&format!("{}:1: ", bad.display())), "{err}");
+}
+
+#[test]
+fn shipped_fleet_example_loads() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/fleet");
+    let (config, text) =
+        load_annotated(&dir).unwrap_or_else(|e| panic!("{} does not load: {e}", dir.display()));
+    assert_eq!(config.agent.id, "gw-berlin-07");
+    assert!(text.contains("# site/berlin.toml:"), "{text}");
+}

@@ -157,9 +157,7 @@ impl Plugin {
             })
             .collect();
         let out = self.call("process", |live| {
-            // SAFETY: `live.process` was type-checked as `ProcessFn` when the
-            // instance was created; the lifetime does not change the type.
-            let process: ProcessFn<'_> = unsafe { TypedFunc::new_unchecked(live.process) };
+            let process: ProcessFn<'_> = live.process.typed(&live.store)?;
             process
                 .call(&mut live.store, (input.as_slice(),))
                 .map(|(r,)| r)

@@ -10,6 +10,7 @@
 //! PluginLimits { max_memory: u64, timeout: Duration, fuel: Option<u64> }   // Default: 64 MiB, 1 s, None
 //! DeadLetter::new(dir)?.write(plugin, reason, &events) -> io::Result<PathBuf>
 //! cli::plugin_test(wasm, config_json, input: Option<&Path>, out: &mut dyn Write) -> anyhow::Result<()>
+//! scaffold::plugin_new(name, dir: Option<&Path>, cwd) -> anyhow::Result<NewPlugin>   // `silt plugin new`
 //! ```
 //!
 //! Threading: `Plugin` is `Send` but not `Sync`; calls block the calling
@@ -40,6 +41,7 @@ mod engine;
 mod error;
 mod instance;
 pub(crate) mod ndjson;
+pub mod scaffold;
 
 pub use dead_letter::DeadLetter;
 pub use engine::PluginEngine;
