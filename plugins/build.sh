@@ -3,8 +3,12 @@
 #
 #     plugins/build.sh           # build; prints the output directory
 #     plugins/build.sh --test    # also run the SDK's and plugins' host unit tests
+#     plugins/build.sh DIR       # build only the standalone plugin crate in DIR
+#                                # (made by `silt plugin new --dir`); --test works too
+#     plugins/build.sh --check   # exit 0 if a toolchain is ready, installing nothing
 #
-# Output: plugins/target/wasm/<plugin>.wasm (stable path; tests and CI use it).
+# Output: plugins/target/wasm/<plugin>.wasm (stable path; tests and CI use it),
+# or DIR/target/wasm/<plugin>.wasm (cargo's target dir: $CARGO_TARGET_DIR or DIR/target).
 #
 # Toolchain, first that works:
 #   1. rustup with the wasm32-wasip2 target installed: plain cargo.
@@ -17,21 +21,32 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+caller_dir="$PWD"
 cd "$here"
 out_dir="$here/target/wasm"
 target=wasm32-wasip2
 tools="${SILT_TOOLS:-$HOME/.cache/silt/tools}"
 run_tests=0
+check_only=0
+crate_dir=""
 for arg in "$@"; do
     case "$arg" in
     --test) run_tests=1 ;;
+    --check) check_only=1 ;;
     -h | --help)
-        sed -n '2,16p' "$0"
+        sed -n '2,20p' "$here/build.sh"
         exit 0
         ;;
-    *)
+    -*)
         echo "build.sh: unknown argument '$arg' (try --help)" >&2
         exit 2
+        ;;
+    *)
+        [[ -z "$crate_dir" ]] || {
+            echo "build.sh: only one crate directory, got '$crate_dir' and '$arg'" >&2
+            exit 2
+        }
+        crate_dir="$arg"
         ;;
     esac
 done
@@ -47,11 +62,25 @@ have_rustup_target() {
         rustup target list --installed 2>/dev/null | grep -qx "$target"
 }
 
-ensure_debian_toolchain() {
-    local pkgs=(rustc-web cargo-web rust-web-src wasi-libc lld-22) missing=()
-    for p in "${pkgs[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+debian_pkgs=(rustc-web cargo-web rust-web-src wasi-libc lld-22)
+
+missing_debian_pkgs() {
+    local p
+    for p in "${debian_pkgs[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || echo "$p"
     done
+}
+
+# True when a build needs no installs (what --check reports).
+toolchain_ready() {
+    have_rustup_target && return 0
+    [[ -z "$(missing_debian_pkgs)" && -x /usr/lib/llvm-22/bin/wasm-ld &&
+        -d /usr/lib/wasm32-wasi && -x "$tools/bin/wasm-component-ld" ]]
+}
+
+ensure_debian_toolchain() {
+    local missing=()
+    mapfile -t missing < <(missing_debian_pkgs)
     if ((${#missing[@]})); then
         [[ $(id -u) -eq 0 ]] || die "missing Debian packages ${missing[*]}; run as root or: sudo apt-get install -y ${missing[*]}"
         log "installing ${missing[*]} (apt)"
@@ -69,9 +98,10 @@ ensure_debian_toolchain() {
     fi
 }
 
+# Extra arguments go to cargo build (e.g. --target-dir).
 build_rustup() {
     log "toolchain: rustup ($target installed)"
-    cargo build --release --target "$target"
+    cargo build --release --target "$target" "$@"
 }
 
 build_debian() {
@@ -86,15 +116,61 @@ build_debian() {
         RUSTC_BOOTSTRAP=1 \
         CARGO_TARGET_WASM32_WASIP2_LINKER=wasm-component-ld \
         RUSTFLAGS="-L/usr/lib/wasm32-wasi -Clink-self-contained=no" \
-        /usr/bin/cargo build --release --target "$target" -Zbuild-std=std,panic_abort
+        /usr/bin/cargo build --release --target "$target" -Zbuild-std=std,panic_abort "$@"
 }
 
-start=$SECONDS
-if have_rustup_target; then
-    build_rustup
-else
-    build_debian
+build() {
+    if have_rustup_target; then
+        build_rustup "$@"
+    else
+        build_debian "$@"
+    fi
+}
+
+if ((check_only)); then
+    if toolchain_ready; then
+        log "toolchain ready"
+        exit 0
+    fi
+    log "toolchain not ready (a build would install it)"
+    exit 1
 fi
+
+start=$SECONDS
+
+# A standalone crate (own [workspace], e.g. from `silt plugin new --dir`).
+if [[ -n "$crate_dir" ]]; then
+    resolved="$(cd "$caller_dir" && cd "$crate_dir" 2>/dev/null && pwd)" || die "no such directory: $crate_dir"
+    crate_dir="$resolved"
+    manifest="$crate_dir/Cargo.toml"
+    [[ -f "$manifest" ]] || die "$manifest not found"
+    grep -q '^\[workspace\]' "$manifest" ||
+        die "$manifest has no [workspace] table; members of plugins/ are built by plain plugins/build.sh"
+    grep -q '"cdylib"' "$manifest" || die "$manifest does not build a cdylib (crate-type = [\"cdylib\", \"rlib\"])"
+    name="$(sed -n 's/^name *= *"\([^"]*\)".*/\1/p' "$manifest" | head -n 1)"
+    [[ -n "$name" ]] || die "no package name in $manifest"
+    cargo_target="${CARGO_TARGET_DIR:-$crate_dir/target}"
+    [[ "$cargo_target" == /* ]] || cargo_target="$caller_dir/$cargo_target"
+    cd "$crate_dir"
+    build --target-dir "$cargo_target"
+    src="$cargo_target/$target/release/${name//-/_}.wasm"
+    [[ -f "$src" ]] || die "cargo succeeded but $src is missing"
+    out_dir="$crate_dir/target/wasm"
+    mkdir -p "$out_dir"
+    dst="$out_dir/$name.wasm"
+    if ! cmp -s "$src" "$dst"; then
+        cp "$src" "$dst.tmp.$$" && mv -f "$dst.tmp.$$" "$dst"
+    fi
+    log "built $name in $((SECONDS - start)) s"
+    if ((run_tests)); then
+        log "host unit tests: $name"
+        cargo test --quiet --target-dir "$cargo_target"
+    fi
+    echo "$out_dir"
+    exit 0
+fi
+
+build
 
 # Plugins are the members that build a cdylib; cargo names the file after the
 # crate with '-' turned into '_', we publish it under the package name.

@@ -45,6 +45,7 @@ async fn crash_loop_keeps_every_acked_event_once() {
             batch: config::batch(200, "8MiB", "1s"),
             mqtt_topics: &["loop/#"],
             s3_down: false,
+            proxies: true,
         },
     )
     .await;
@@ -75,35 +76,50 @@ async fn crash_loop_keeps_every_acked_event_once() {
     let (hp, hh) = spawn_load(st.http(), reqs, 4, Some(HTTP_RATE));
 
     let t_trials = Instant::now();
-    let (mut aimed, mut s3_down_kills) = (0, 0);
+    let (mut aimed_s3, mut aimed_mqtt, mut s3_down_kills) = (0, 0, 0);
     for trial in 1..=trials {
-        // Three kinds of trial, in turn:
+        // Four kinds of trial, in turn:
         // 1. SIGKILL at a random moment, 0.3 .. 4.5 s into this run;
-        // 2. after 0.3 .. 3 s, SIGKILL 0..3 ms after the next `uploaded
-        //    object` line: around upload -> complete -> next seal;
+        // 2. after 0.3 .. 3 s, SIGKILL as soon as S3 has written an object
+        //    whose reply the proxy swallows: uploaded but not completed;
         // 3. S3 stopped, SIGKILL 1.2 .. 3 s later while a sealed batch waits
-        //    for its upload; S3 comes back with the restart.
+        //    for its upload; S3 comes back with the restart;
+        // 4. after 0.3 .. 3 s, SIGKILL as soon as the agent sends a PUBACK,
+        //    which the proxy swallows: committed but not acked.
         let alive = Instant::now();
-        let how = match trial % 3 {
+        let (s3p, mqttp) = st.proxy.as_ref().expect("crash loop runs with proxies");
+        let trap = |p: &Proxy| {
+            let caught = p.arm();
+            async move {
+                tokio::time::timeout(Duration::from_secs(10), caught)
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+            }
+        };
+        let how = match trial % 4 {
             1 => {
                 tokio::time::sleep(Duration::from_millis(300 + rng.below(4_200))).await;
                 "random moment".to_string()
             }
             2 => {
                 tokio::time::sleep(Duration::from_millis(300 + rng.below(2_700))).await;
-                let after = Duration::from_millis(rng.below(4));
-                let seen =
-                    wait_new_log_line(&st.agent.log, "uploaded object", harness::deadline(10))
-                        .await;
-                tokio::time::sleep(after).await;
-                aimed += seen as usize;
-                format!("{after:.0?} after an upload, seen {seen}")
+                let hit = trap(s3p).await;
+                s3p.disarm();
+                aimed_s3 += hit as usize;
+                format!("object written, reply swallowed: {hit}")
             }
-            _ => {
+            3 => {
                 st.s3.stop();
                 tokio::time::sleep(Duration::from_millis(1_200 + rng.below(1_800))).await;
                 s3_down_kills += 1;
                 "S3 down".to_string()
+            }
+            _ => {
+                tokio::time::sleep(Duration::from_millis(300 + rng.below(2_700))).await;
+                let hit = trap(mqttp).await;
+                mqttp.disarm();
+                aimed_mqtt += hit as usize;
+                format!("committed, PUBACK swallowed: {hit}")
             }
         };
         assert!(
@@ -161,10 +177,17 @@ async fn crash_loop_keeps_every_acked_event_once() {
     let resumed = log.matches("uploading batch sealed earlier").count();
     let already = log.matches("already_there=true").count();
     let conflicts = log.matches("already exists under this key").count();
+    let redelivered: u64 = log
+        .lines()
+        .filter(|l| l.contains("mqtt redeliveries of messages already committed"))
+        .filter_map(|l| harness::agent::field(l, "messages")?.parse::<u64>().ok())
+        .sum();
     println!(
-        "crash loop: N={trials} kills ({aimed} just after an upload, {s3_down_kills} with S3 down) in {trials_took:.1?} (seed {seed}); events acked {} (mqtt {}, http {}); \
+        "crash loop: N={trials} kills ({aimed_s3} after S3 wrote an object the agent was not told of, {s3_down_kills} with S3 down, \
+         {aimed_mqtt} after a commit whose PUBACK was lost) in {trials_took:.1?} (seed {seed}); events acked {} (mqtt {}, http {}); \
          lost {}; duplicated ids {} ({} across objects: {} same spool record, {} mqtt redelivery, {} http); \
-         sealed batches resumed after a kill {resumed}, objects found already written {already}, key conflicts {conflicts}",
+         sealed batches resumed after a kill {resumed}, objects found already written {already}, key conflicts {conflicts}, \
+         mqtt redeliveries recognised and not stored again {redelivered}",
         acked.len(),
         mrep.acked.len(),
         hrep.acked.len(),
@@ -183,6 +206,11 @@ async fn crash_loop_keeps_every_acked_event_once() {
     );
     assert!(!t.hard_failures(), "{}", t.summary());
     assert_eq!(conflicts, 0, "a resumed batch hit a key conflict");
+    assert_eq!(
+        (aimed_s3, aimed_mqtt),
+        ((trials + 2) / 4, trials / 4),
+        "the proxies should have caught an upload / a PUBACK in every trial of kind 2 / 4"
+    );
     assert_eq!(
         t.dup_ids,
         0,
@@ -211,6 +239,7 @@ async fn long_s3_outage_drains_exactly_once() {
             batch: config::batch(2_000, "8MiB", "1s"),
             mqtt_topics: &["site/#"],
             s3_down: false,
+            proxies: false,
         },
     )
     .await;
@@ -335,6 +364,7 @@ async fn broker_restart_loses_nothing() {
             batch: config::batch(500, "8MiB", "1s"),
             mqtt_topics: &["bk/#"],
             s3_down: false,
+            proxies: false,
         },
     )
     .await;
@@ -382,6 +412,13 @@ async fn broker_restart_loses_nothing() {
     .await;
     let sessions = st.agent.count_log("session_present=true");
     let lost_conn = st.agent.count_log("mqtt connection lost");
+    let recognised: u64 = st
+        .agent
+        .log_all()
+        .lines()
+        .filter(|l| l.contains("mqtt redeliveries of messages already committed"))
+        .filter_map(|l| harness::agent::field(l, "messages")?.parse::<u64>().ok())
+        .sum();
     st.stop_agent_cleanly().await;
     let snap = lake.snapshot().await.expect("read lake");
     let resent: HashSet<String> = rep.resent.iter().cloned().collect();
@@ -389,7 +426,7 @@ async fn broker_restart_loses_nothing() {
     println!(
         "broker restart: 2 restarts; events acked {} (publisher resent {}); lost {}; duplicated {} \
          (client resend {}, mqtt redelivery {}, same record {}); agent reconnects {lost_conn}, \
-         resumed sessions {sessions}",
+         resumed sessions {sessions}, redeliveries recognised and not stored again {recognised}",
         acked.len(),
         rep.resent.len(),
         t.lost.len(),
@@ -426,6 +463,7 @@ fn cap_stack(name: &'static str, when_full: &'static str) -> StackOpts<'static> 
         batch: config::batch(200, "8MiB", "1s"),
         mqtt_topics: &["cap/#"],
         s3_down: true,
+        proxies: false,
     }
 }
 
@@ -433,8 +471,8 @@ fn cap_stack(name: &'static str, when_full: &'static str) -> StackOpts<'static> 
 fn last_field(log: &str, needle: &str, name: &str) -> Option<u64> {
     log.lines()
         .filter(|l| l.contains(needle))
-        .filter_map(|l| harness::agent::field(l, name)?.parse().ok())
-        .last()
+        .rev()
+        .find_map(|l| harness::agent::field(l, name)?.parse().ok())
 }
 
 /// `block`: HTTP answers 503 + Retry-After, MQTT acks are held; once S3 is
@@ -706,18 +744,10 @@ async fn spool_full_drop_oldest() {
         .unwrap();
     assert_eq!(r.status, 202, "{}", r.body);
     order.push("do-probe".into());
-    let dl = harness::deadline(10);
-    let dropped = loop {
-        let log = st.agent.log_run();
-        if let Some(n) = last_field(&log, "events dropped", "dropped_oldest_total")
-            && log.lines().last().is_some()
-            && Instant::now() > dl - Duration::from_secs(9)
-        {
-            break n;
-        }
-        assert!(Instant::now() < dl, "no dropped_oldest_total in the log");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    // The probe's drop is logged before its reply is sent.
+    let log = st.agent.log_run();
+    let dropped = last_field(&log, "events dropped", "dropped_oldest_total")
+        .expect("the agent must log dropped_oldest_total");
     let dropped_new = last_field(
         &st.agent.log_run(),
         "events dropped",
@@ -882,8 +912,7 @@ fn outcome((ok, out, err): &(bool, String, String)) -> String {
     let last = |s: &str| {
         s.lines()
             .filter(|l| !l.trim().is_empty() && !l.contains("RUST_BACKTRACE"))
-            .filter(|l| !l.starts_with("stack backtrace"))
-            .last()
+            .rfind(|l| !l.starts_with("stack backtrace"))
             .unwrap_or("")
             .trim()
             .to_string()
@@ -967,6 +996,7 @@ async fn corrupt_spool_is_quarantined_and_agent_starts() {
             batch: config::batch(500, "8MiB", "1s"),
             mqtt_topics: &["corrupt/#"],
             s3_down: true,
+            proxies: false,
         },
     )
     .await;
@@ -1021,7 +1051,11 @@ async fn corrupt_spool_is_quarantined_and_agent_starts() {
         let check = silt(&["spool", "check", "-d", d]);
         let stats = silt(&["spool", "stats", "-d", d]);
         let export = silt(&["spool", "export", "-d", d]);
-        let exported = if export.0 { export.1.lines().count() } else { 0 };
+        let exported = if export.0 {
+            export.1.lines().count()
+        } else {
+            0
+        };
         // --repair on a copy, then a clean check.
         let side = st.scratch.join(&format!("repair-{how:?}"));
         copy_dir(&spool, &side.join("spool"));
@@ -1043,8 +1077,9 @@ async fn corrupt_spool_is_quarantined_and_agent_starts() {
             check_reported: check.1.contains("problems"),
             repair_ok: repair.0,
             clean_after_repair: after.0,
-            stats_ok: stats.0,
-            export_ok: export.0,
+            // Succeeds, or (sled-level damage) fails saying so, never panics.
+            stats_ok: stats.0 || stats.2.contains("is damaged"),
+            export_ok: export.0 || export.2.contains("is damaged"),
             exported,
             ..CaseResult::default()
         };
@@ -1119,7 +1154,9 @@ async fn corrupt_spool_is_quarantined_and_agent_starts() {
     for r in &results {
         let how = r.how;
         if let Some(e) = &r.start_failure {
-            failures.push(format!("{how:?}: the agent did not start on the damaged spool: {e}"));
+            failures.push(format!(
+                "{how:?}: the agent did not start on the damaged spool: {e}"
+            ));
             continue;
         }
         if r.served != 20 || !r.probes_in_s3 {
@@ -1132,10 +1169,14 @@ async fn corrupt_spool_is_quarantined_and_agent_starts() {
             failures.push(format!("{how:?}: {}", r.tally.summary()));
         }
         if !r.stats_ok || !r.export_ok {
-            failures.push(format!("{how:?}: spool stats / export fail on a stopped agent's spool"));
+            failures.push(format!(
+                "{how:?}: spool stats / export fail on a stopped agent's spool"
+            ));
         }
-        if !r.check_ok && !(r.repair_ok && r.clean_after_repair) {
-            failures.push(format!("{how:?}: check found problems that --repair did not fix"));
+        if !r.check_ok && (!r.repair_ok || !r.clean_after_repair) {
+            failures.push(format!(
+                "{how:?}: check found problems that --repair did not fix"
+            ));
         }
         if how == Damage::BadValues {
             if r.check_ok || !r.check_reported {
@@ -1145,9 +1186,16 @@ async fn corrupt_spool_is_quarantined_and_agent_starts() {
                 failures.push(format!("{how:?}: corrupt values must be quarantined"));
             }
             if r.survived < N * 9 / 10 {
-                failures.push(format!("{how:?}: intact records must survive ({}/{N})", r.survived));
+                failures.push(format!(
+                    "{how:?}: intact records must survive ({}/{N})",
+                    r.survived
+                ));
             }
         }
     }
-    assert!(failures.is_empty(), "corrupt spool:\n  {}", failures.join("\n  "));
+    assert!(
+        failures.is_empty(),
+        "corrupt spool:\n  {}",
+        failures.join("\n  ")
+    );
 }

@@ -239,6 +239,7 @@ impl Pipeline {
         // An upload cut short here is repeated under the same key later.
         self.stop.cancel();
         while self.batchers.join_next().await.is_some() {}
+        self.ingest.log_drop_totals();
         drop(self.ingest);
         self.api_stop.cancel();
         if let Some(api) = self.api {

@@ -251,6 +251,11 @@ impl Ingest {
         }
     }
 
+    /// Logs how many events the `when_full` policy dropped in total.
+    pub fn log_drop_totals(&self) {
+        self.drops.log_totals();
+    }
+
     /// Waits until the spool frees space (or `timeout` passes).
     pub async fn space_freed(&self, timeout: Duration) {
         self.spool.space_freed(timeout).await
@@ -350,6 +355,21 @@ impl DropCounter {
                 dropped_newest_total = new,
                 dropped_oldest_total = old,
                 "spool full: events dropped by spool.when_full"
+            );
+        }
+    }
+
+    /// The final totals, so the last drops are not hidden by the interval.
+    fn log_totals(&self) {
+        let (new, old) = (
+            self.new.load(Ordering::Relaxed),
+            self.old.load(Ordering::Relaxed),
+        );
+        if new > 0 || old > 0 {
+            tracing::warn!(
+                dropped_newest_total = new,
+                dropped_oldest_total = old,
+                "events dropped by spool.when_full while this pipeline ran"
             );
         }
     }

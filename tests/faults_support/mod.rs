@@ -63,6 +63,8 @@ pub struct StackOpts<'a> {
     pub mqtt_topics: &'a [&'a str],
     /// Stop s3s-fs before the agent starts.
     pub s3_down: bool,
+    /// Put [`Proxy`]s between the agent and s3s-fs / mosquitto.
+    pub proxies: bool,
 }
 
 /// mosquitto + s3s-fs + `silt run` (MQTT source `sensors`, HTTP source
@@ -72,6 +74,8 @@ pub struct FStack {
     pub agent: Agent,
     pub broker: Mosquitto,
     pub s3: S3Server,
+    /// (S3, MQTT) proxies, with `StackOpts::proxies`.
+    pub proxy: Option<(Proxy, Proxy)>,
     pub http_port: u16,
     pub agent_id: String,
     pub t0: Instant,
@@ -88,10 +92,24 @@ impl FStack {
             s3.stop();
         }
         let http_port = harness::free_port();
+        let proxy = if o.proxies {
+            Some((
+                Proxy::start(s3.port, Trap::S3Ok).await,
+                Proxy::start(broker.port, Trap::MqttPuback).await,
+            ))
+        } else {
+            None
+        };
+        let mut sink = config::s3_sink("lake", &["sensors", "api"], &s3, "gzip", &o.batch);
+        let mut broker_url = broker.url();
+        if let Some((s3p, mqttp)) = &proxy {
+            sink = sink.replace(&s3.endpoint(), &format!("http://127.0.0.1:{}", s3p.port));
+            broker_url = format!("mqtt://127.0.0.1:{}", mqttp.port);
+        }
         let cfg = agent_section(o.agent_id, o.max_bytes, o.when_full)
-            + &mqtt_source("sensors", &broker.url(), o.mqtt_topics)
+            + &mqtt_source("sensors", &broker_url, o.mqtt_topics)
             + &config::http_source("api", http_port, Some(TOKEN), "16MiB")
-            + &config::s3_sink("lake", &["sensors", "api"], &s3, "gzip", &o.batch);
+            + &sink;
         let mut agent = Agent::start(&scratch.join("agent"), &cfg);
         agent
             .wait_ready(
@@ -117,6 +135,7 @@ impl FStack {
             agent,
             broker,
             s3,
+            proxy,
             http_port,
             agent_id: o.agent_id.to_string(),
             t0,
@@ -603,7 +622,9 @@ pub async fn wait_new_log_line(log: &Path, needle: &str, deadline: Instant) -> b
     let mut pending = Vec::new();
     while Instant::now() < deadline {
         let mut buf = Vec::new();
-        if f.seek(SeekFrom::Start(pos)).is_ok() && f.read_to_end(&mut buf).is_ok() && !buf.is_empty()
+        if f.seek(SeekFrom::Start(pos)).is_ok()
+            && f.read_to_end(&mut buf).is_ok()
+            && !buf.is_empty()
         {
             pos += buf.len() as u64;
             pending.extend_from_slice(&buf);
@@ -618,4 +639,133 @@ pub async fn wait_new_log_line(log: &Path, needle: &str, deadline: Instant) -> b
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     false
+}
+
+// ---------------------------------------------------------------- proxies
+
+/// What a [`Proxy`] swallows once armed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trap {
+    /// In front of s3s-fs: the first reply starting with `HTTP/1.1 200`;
+    /// the object is written but the agent never hears so (the window
+    /// between upload and complete).
+    S3Ok,
+    /// In front of mosquitto: the first PUBACK the agent sends, and all it
+    /// sends after it; the message is committed but the broker still owns it
+    /// (the window between commit and ack).
+    MqttPuback,
+}
+
+/// TCP proxy that can swallow one reply or ack (see [`Trap`]) and report it,
+/// so a test can SIGKILL the agent exactly inside a window.
+pub struct Proxy {
+    pub port: u16,
+    trap: Arc<Mutex<Option<tokio::sync::oneshot::Sender<()>>>>,
+}
+
+/// Length of the first complete MQTT packet in `buf`, if there is one.
+fn mqtt_packet_len(buf: &[u8]) -> Option<usize> {
+    let mut len = 0usize;
+    for i in 0..4 {
+        let b = *buf.get(1 + i)?;
+        len |= ((b & 0x7f) as usize) << (7 * i);
+        if b & 0x80 == 0 {
+            let total = 1 + i + 1 + len;
+            return (buf.len() >= total).then_some(total);
+        }
+    }
+    None
+}
+
+impl Proxy {
+    pub async fn start(upstream: u16, kind: Trap) -> Proxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let trap: Arc<Mutex<Option<tokio::sync::oneshot::Sender<()>>>> = Arc::default();
+        let t = trap.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let t = t.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let t2 = t.clone();
+                    // agent -> upstream
+                    let up = tokio::spawn(async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        let mut pending: Vec<u8> = Vec::new();
+                        let mut swallowing = false;
+                        loop {
+                            let n = match cr.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            if kind != Trap::MqttPuback {
+                                if sw.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                                continue;
+                            }
+                            pending.extend_from_slice(&buf[..n]);
+                            let mut out = Vec::new();
+                            while let Some(len) = mqtt_packet_len(&pending) {
+                                let packet: Vec<u8> = pending.drain(..len).collect();
+                                if !swallowing && packet[0] >> 4 == 4 {
+                                    let armed = t2.lock().unwrap().take();
+                                    if let Some(tx) = armed {
+                                        let _ = tx.send(());
+                                        swallowing = true;
+                                    }
+                                }
+                                if !swallowing {
+                                    out.extend_from_slice(&packet);
+                                }
+                            }
+                            if !out.is_empty() && sw.write_all(&out).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                    // upstream -> agent
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match sr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if kind == Trap::S3Ok && buf[..n].starts_with(b"HTTP/1.1 200") {
+                            let armed = t.lock().unwrap().take();
+                            if let Some(tx) = armed {
+                                let _ = tx.send(());
+                                break; // swallow the reply, drop the connection
+                            }
+                        }
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    up.abort();
+                });
+            }
+        });
+        Proxy { port, trap }
+    }
+
+    /// Arms the trap; the receiver fires when it caught something.
+    pub fn arm(&self) -> tokio::sync::oneshot::Receiver<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        *self.trap.lock().unwrap() = Some(tx);
+        rx
+    }
+
+    pub fn disarm(&self) {
+        self.trap.lock().unwrap().take();
+    }
 }

@@ -59,7 +59,11 @@ impl fmt::Display for Location {
 
 /// Dotted key path -> the file and line that set it last.
 #[derive(Debug, Default)]
-pub(super) struct Origins(HashMap<String, (PathBuf, usize)>);
+pub(super) struct Origins(
+    HashMap<String, (PathBuf, usize)>,
+    /// What to name when a key is set nowhere (e.g. a required table is missing).
+    Option<PathBuf>,
+);
 
 impl Origins {
     pub(super) fn locate(&self, key: &str) -> Location {
@@ -75,7 +79,7 @@ impl Origins {
             None
         });
         Location {
-            file: found.map(|(f, _)| f.clone()),
+            file: found.map(|(f, _)| f.clone()).or_else(|| self.1.clone()),
             line: found.map(|(_, l)| *l),
             key: Some(key.to_string()),
         }
@@ -144,7 +148,7 @@ fn load_merged(
     // The real environment wins over the env file.
     let lookup = |name: &str| env(name).or_else(|| vars.get(name).cloned());
     let mut merged = toml::Table::new();
-    let mut origins = Origins::default();
+    let mut origins = Origins(HashMap::new(), Some(path.to_path_buf()));
     for file in &files {
         let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
             path: file.clone(),
@@ -159,7 +163,7 @@ fn load_merged(
 
 /// Loads config from a string, as if it were one file called `name`.
 pub fn load_str(text: &str, name: &str) -> Result<Config, ConfigError> {
-    let mut origins = Origins::default();
+    let mut origins = Origins(HashMap::new(), Some(PathBuf::from(name)));
     let lookup = |name: &str| std::env::var(name).ok();
     let table = parse_file(text, Some(Path::new(name)), &lookup, &mut origins)?;
     finish(&table, &origins)

@@ -453,3 +453,9 @@ fn shipped_fleet_example_loads() {
     assert_eq!(config.agent.id, "gw-berlin-07");
     assert!(text.contains("# site/berlin.toml:"), "{text}");
 }
+
+#[test]
+fn a_missing_section_names_the_file() {
+    let err = load_str("", "empty.toml").unwrap_err().to_string();
+    assert!(err.starts_with("empty.toml: key `sources`"), "{err}");
+}

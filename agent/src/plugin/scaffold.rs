@@ -136,8 +136,8 @@ pub fn plugin_new(name: &str, dir: Option<&Path>, cwd: &Path) -> anyhow::Result<
         _ => wasm.clone(),
     };
     let layout = if member {
-        "It is a member of the plugins workspace (`members` in `plugins/Cargo.toml`), \
-         like the example plugins,\nso `plugins/build.sh` builds it together with them."
+        "It is a member of the plugins workspace (`members` in `plugins/Cargo.toml`),\n\
+         like the example plugins, so `plugins/build.sh` builds it together with them."
             .to_string()
     } else {
         format!(

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use super::record;
 use super::state::decode_meta;
-use super::{SpoolError, open_db};
+use super::{SpoolError, move_aside, open_db, panic_message};
 use crate::event::now_ms;
 
 /// What one sink has waiting.
@@ -39,7 +39,30 @@ fn open(data_dir: &Path) -> Result<sled::Db, SpoolError> {
             ),
         });
     }
-    open_db(&path)
+    open_db(&path).map_err(|e| match e {
+        SpoolError::Open {
+            source: sled::Error::Corruption { .. },
+            path,
+        } => SpoolError::Damaged {
+            path,
+            detail: "sled reports corruption".into(),
+        },
+        e => e,
+    })
+}
+
+/// Runs an inspection, turning a sled panic on damaged files into an error
+/// that says so (`silt spool` is what a person reaches for when things break).
+fn guarded<T>(data_dir: &Path, f: impl FnOnce() -> Result<T, SpoolError>) -> Result<T, SpoolError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        Err(SpoolError::Damaged {
+            path: data_dir.join("spool"),
+            detail: format!(
+                "{}; the agent moves such a spool aside into quarantine when it starts",
+                panic_message(&*panic)
+            ),
+        })
+    })
 }
 
 fn sink_trees(db: &sled::Db) -> Vec<String> {
@@ -58,6 +81,10 @@ fn sink_trees(db: &sled::Db) -> Vec<String> {
 }
 
 pub fn stats(data_dir: &Path) -> Result<Vec<SinkBacklog>, SpoolError> {
+    guarded(data_dir, || stats_inner(data_dir))
+}
+
+fn stats_inner(data_dir: &Path) -> Result<Vec<SinkBacklog>, SpoolError> {
     let db = open(data_dir)?;
     let mut out = Vec::new();
     for sink in sink_trees(&db) {
@@ -110,6 +137,31 @@ pub fn print_stats(backlogs: &[SinkBacklog], out: &mut dyn Write) -> std::io::Re
 /// written to `<data_dir>/quarantine` and removed, so the agent re-batches
 /// what is left.
 pub fn check(data_dir: &Path, repair: bool) -> Result<CheckReport, SpoolError> {
+    match guarded(data_dir, || check_inner(data_dir, repair)) {
+        // Damage below the records: nothing in it can be trusted record by
+        // record. Repair does what the agent would do at start-up.
+        Err(SpoolError::Damaged { detail, .. }) => {
+            let mut report = CheckReport::default();
+            report
+                .problems
+                .push(format!("the spool database itself is damaged: {detail}"));
+            if repair {
+                let aside = move_aside(data_dir)?;
+                // What the agent would start with, so a second check passes.
+                drop(open_db(&data_dir.join("spool"))?);
+                report.problems.push(format!(
+                    "moved it to {}; the spool is now empty",
+                    aside.display()
+                ));
+                report.repaired = report.problems.len() as u64;
+            }
+            Ok(report)
+        }
+        other => other,
+    }
+}
+
+fn check_inner(data_dir: &Path, repair: bool) -> Result<CheckReport, SpoolError> {
     let db = open(data_dir)?;
     let quarantine = data_dir.join("quarantine");
     let mut report = CheckReport::default();
@@ -153,6 +205,14 @@ pub fn check(data_dir: &Path, repair: bool) -> Result<CheckReport, SpoolError> {
 /// "attributes","payload"|"payload_b64"}`), oldest first per sink. The lines
 /// are also valid input for `silt plugin test`.
 pub fn export(data_dir: &Path, only: Option<&str>, out: &mut dyn Write) -> Result<u64, SpoolError> {
+    guarded(data_dir, || export_inner(data_dir, only, out))
+}
+
+fn export_inner(
+    data_dir: &Path,
+    only: Option<&str>,
+    out: &mut dyn Write,
+) -> Result<u64, SpoolError> {
     let db = open(data_dir)?;
     let mut written = 0;
     let io = |e: std::io::Error| SpoolError::Storage(sled::Error::Io(e));

@@ -11,6 +11,7 @@ mod record;
 mod state;
 #[cfg(test)]
 mod tests;
+mod watermark;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
@@ -36,6 +37,8 @@ pub enum SpoolError {
     Closed,
     #[error("cannot open spool at {path}: {source}")]
     Open { path: PathBuf, source: sled::Error },
+    #[error("spool at {path} is damaged beyond what sled recovers: {detail}")]
+    Damaged { path: PathBuf, detail: String },
 }
 
 impl SpoolError {
@@ -127,25 +130,6 @@ impl Spool {
     /// `SinkId` `i` is `sinks[i]`.
     pub fn open(dir: &Path, sinks: &[String], config: &SpoolConfig) -> Result<Spool, SpoolError> {
         let path = dir.join("spool");
-        let db = match open_db(&path) {
-            Err(SpoolError::Open {
-                source: sled::Error::Corruption { .. },
-                ..
-            }) => {
-                // sled recovers torn tails itself; damage it cannot recover
-                // must not keep the device from collecting new data.
-                let aside = dir.join("quarantine").join(format!("spool-{}", now_ms()));
-                std::fs::create_dir_all(dir.join("quarantine"))
-                    .and_then(|_| std::fs::rename(&path, &aside))
-                    .map_err(|e| SpoolError::Open {
-                        path: path.clone(),
-                        source: sled::Error::Io(e),
-                    })?;
-                tracing::error!(moved_to = %aside.display(), "spool database is corrupt beyond recovery; moved aside, starting an empty spool");
-                open_db(&path)?
-            }
-            other => other?,
-        };
         let quarantine = dir.join("quarantine");
         let limits = state::Limits {
             max_bytes: config.max_bytes.as_u64(),
@@ -153,7 +137,19 @@ impl Spool {
             min_free: config.min_free.as_u64(),
             dir: dir.to_path_buf(),
         };
-        let state = SpoolState::open(&db, sinks, limits, &quarantine)?;
+        let open = || open_state(&path, sinks, limits.clone(), &quarantine);
+        let (db, state) = match open() {
+            Err(SpoolError::Damaged { detail, .. }) => {
+                // Damage sled cannot recover must not keep the device from
+                // collecting new data: keep the files for a person, start empty.
+                let aside = move_aside(dir)?;
+                tracing::error!(error = %detail, moved_to = %aside.display(), "spool database is damaged beyond recovery; moved aside, starting an empty spool");
+                open()?
+            }
+            other => other?,
+        };
+        let watermark = watermark::Watermark::new(dir);
+        watermark.check(&state.next_seqs());
         let mut shared_sinks = Vec::new();
         for (i, log) in state.sinks.iter().enumerate() {
             shared_sinks.push(SinkShared {
@@ -178,8 +174,9 @@ impl Spool {
         let writer = std::thread::Builder::new()
             .name("silt-spool".into())
             .spawn(move || {
-                let run =
-                    std::panic::AssertUnwindSafe(|| writer(state, writer_db, rx, writer_shared));
+                let run = std::panic::AssertUnwindSafe(|| {
+                    writer(state, writer_db, rx, writer_shared, watermark)
+                });
                 if std::panic::catch_unwind(run).is_err() {
                     // Without its writer the agent can acknowledge nothing;
                     // exit so the supervisor restarts it. Everything already
@@ -338,6 +335,57 @@ impl Spool {
     }
 }
 
+/// Moves `<dir>/spool` into `<dir>/quarantine/spool-<ms>`; returns where.
+fn move_aside(dir: &Path) -> Result<PathBuf, SpoolError> {
+    let path = dir.join("spool");
+    let aside = dir.join("quarantine").join(format!("spool-{}", now_ms()));
+    std::fs::create_dir_all(dir.join("quarantine"))
+        .and_then(|_| std::fs::rename(&path, &aside))
+        .map_err(|e| SpoolError::Open {
+            path,
+            source: sled::Error::Io(e),
+        })?;
+    Ok(aside)
+}
+
+/// Opens sled and the spool state on it. sled reports some damage as
+/// `Corruption` and panics on other damage; both become [`SpoolError::Damaged`].
+fn open_state(
+    path: &Path,
+    sinks: &[String],
+    limits: state::Limits,
+    quarantine: &Path,
+) -> Result<(sled::Db, SpoolState), SpoolError> {
+    let damaged = |detail: String| SpoolError::Damaged {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let opened = std::panic::catch_unwind(|| {
+        let db = open_db(path)?;
+        let state = SpoolState::open(&db, sinks, limits, quarantine)?;
+        Ok((db, state))
+    });
+    match opened {
+        Err(panic) => Err(damaged(panic_message(&*panic))),
+        Ok(Err(SpoolError::Open {
+            source: sled::Error::Corruption { .. },
+            ..
+        }))
+        | Ok(Err(SpoolError::Storage(sled::Error::Corruption { .. }))) => {
+            Err(damaged("sled reports corruption".into()))
+        }
+        Ok(other) => other,
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "sled panicked while reading it".into())
+}
+
 /// Opens sled, waiting briefly for the lock: sled's background threads of a
 /// database closed a moment ago (a restart in the same process) may still
 /// hold it.
@@ -366,7 +414,13 @@ fn open_db(path: &Path) -> Result<sled::Db, SpoolError> {
     }
 }
 
-fn writer(mut state: SpoolState, db: sled::Db, rx: mpsc::Receiver<Message>, shared: Arc<Shared>) {
+fn writer(
+    mut state: SpoolState,
+    db: sled::Db,
+    rx: mpsc::Receiver<Message>,
+    shared: Arc<Shared>,
+    mut watermark: watermark::Watermark,
+) {
     let mut open = true;
     while open {
         let Ok(first) = rx.recv() else { break };
@@ -382,6 +436,9 @@ fn writer(mut state: SpoolState, db: sled::Db, rx: mpsc::Receiver<Message>, shar
             }
         }
         let flushed = db.flush();
+        if flushed.is_ok() {
+            watermark.update(state.next_seqs(), !open);
+        }
         publish(&state, &shared);
         for reply in replies {
             send_reply(reply, flushed.as_ref().err(), &shared);

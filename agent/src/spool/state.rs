@@ -446,6 +446,14 @@ pub(super) fn load_batch(
 }
 
 impl SpoolState {
+    /// The next record sequence of every sink: how far each log has got.
+    pub fn next_seqs(&self) -> std::collections::BTreeMap<String, u64> {
+        self.sinks
+            .iter()
+            .map(|l| (l.name.clone(), l.next_seq))
+            .collect()
+    }
+
     pub fn records_tree(&self, sink: usize) -> sled::Tree {
         self.sinks[sink].records.clone()
     }
