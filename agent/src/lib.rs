@@ -70,9 +70,54 @@ pub async fn run_with_reload(
                 let r = reloader.as_mut().expect("only a reloader asks");
                 pipeline = reload(pipeline, r, why).await?;
             }
+            _ = pipeline.spool.storage_failed() => {
+                match reopen_after_storage_failure(pipeline, &shutdown).await? {
+                    Some(p) => pipeline = p,
+                    None => return Ok(()),
+                }
+            }
         }
     }
     pipeline.stop(Stop::Shutdown).await
+}
+
+/// sled stays failed after a write error (disk full, I/O error) until it is
+/// reopened. Stop the pipeline, wait for free space, and start it again on
+/// the same spool; meanwhile sources are down, which is `block`: MQTT
+/// messages wait at the broker, HTTP clients get refused and retry. `None`
+/// when shutdown was asked for while waiting.
+async fn reopen_after_storage_failure(
+    old: Pipeline,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<Pipeline>> {
+    let config = old.config.clone();
+    tracing::warn!("spool storage failed; stopping sources until the spool can be reopened");
+    old.stop(Stop::Handover).await?;
+    let need = config.spool.min_free.as_u64().max(1024 * 1024);
+    let mut delay = std::time::Duration::from_secs(1);
+    loop {
+        let free = fs2::available_space(&config.agent.data_dir).unwrap_or(0);
+        if free >= need {
+            let started = match transform::load_plugins(&config) {
+                Ok(plugins) => Pipeline::start(config.clone(), plugins).await,
+                Err(e) => Err(e.into()),
+            };
+            match started {
+                Ok(p) => {
+                    tracing::info!(free_bytes = free, "spool reopened; sources resume");
+                    return Ok(Some(p));
+                }
+                Err(e) => tracing::error!(error = %format!("{e:#}"), retry_in = ?delay, "reopening the spool failed"),
+            }
+        } else {
+            tracing::warn!(free_bytes = free, need_bytes = need, retry_in = ?delay, "waiting for free disk space under data_dir");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => return Ok(None),
+        }
+        delay = (delay * 2).min(std::time::Duration::from_secs(30));
+    }
 }
 
 async fn reload(old: Pipeline, reloader: &mut Reloader, why: &str) -> anyhow::Result<Pipeline> {

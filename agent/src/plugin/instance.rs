@@ -70,9 +70,9 @@ pub struct Plugin {
 struct Live {
     store: Store<State>,
     bindings: Transform,
-    /// The `process` export, type-checked against [`ProcessFn`] at
-    /// instantiation; called directly so the batch is lowered from borrowed
-    /// events (see [`EventIn`]).
+    /// The `process` export, called through [`ProcessFn`] (checked at
+    /// instantiation and, cheaply, on each call) so the batch is lowered
+    /// from borrowed events (see [`EventIn`]).
     process: Func,
 }
 

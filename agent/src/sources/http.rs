@@ -202,11 +202,16 @@ impl Handler {
             Ok(events) => events,
             Err(message) => return error_reply(StatusCode::BAD_REQUEST, message),
         };
+        let received = events.len();
         match self.ingest.ingest(&self.name, events).await {
             Ok(outcome) => {
-                let mut body = serde_json::json!({ "accepted": outcome.stored });
-                if outcome.dropped_new > 0 {
-                    body["dropped"] = outcome.dropped_new.into();
+                // Accepted means silt answers for the events now: stored, or
+                // (after a plugin failure) in dead-letter, or dropped by a
+                // plugin on purpose. Only the full-spool policy refuses them.
+                let dropped = if outcome.dropped_new > 0 { received } else { 0 };
+                let mut body = serde_json::json!({ "accepted": received - dropped });
+                if dropped > 0 {
+                    body["dropped"] = dropped.into();
                 }
                 json_reply(StatusCode::ACCEPTED, body)
             }

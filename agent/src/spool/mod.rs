@@ -112,6 +112,8 @@ struct Shared {
     /// Woken after a commit frees space.
     space_freed: Notify,
     quarantine: PathBuf,
+    /// Cancelled when a flush fails: sled stays failed until reopened.
+    storage_failed: tokio_util::sync::CancellationToken,
 }
 
 #[derive(Clone)]
@@ -167,6 +169,7 @@ impl Spool {
             bytes: Mutex::new(state.bytes),
             space_freed: Notify::new(),
             quarantine,
+            storage_failed: tokio_util::sync::CancellationToken::new(),
         });
         let (commands, rx) = mpsc::channel();
         let writer_shared = shared.clone();
@@ -300,6 +303,12 @@ impl Spool {
         *self.shared.sinks[sink].stats.lock().expect("lock")
     }
 
+    /// Completes when the storage under the spool failed (ENOSPC, I/O
+    /// error). sled keeps failing after that until it is reopened.
+    pub async fn storage_failed(&self) {
+        self.shared.storage_failed.cancelled().await
+    }
+
     /// Whether an append would be refused now (full, with the block policy).
     pub fn refuses_appends(&self) -> bool {
         self.shared.when_full == crate::config::WhenFull::Block
@@ -330,7 +339,13 @@ impl Spool {
         if let Some(handle) = self.writer.lock().expect("lock").take() {
             let _ = handle.join();
         }
-        self.db.flush()?;
+        // After a storage failure sled refuses every flush; what it holds
+        // unflushed was never acknowledged, so closing goes on regardless.
+        if let Err(e) = self.db.flush()
+            && !self.shared.storage_failed.is_cancelled()
+        {
+            return Err(e.into());
+        }
         Ok(())
     }
 }
@@ -436,8 +451,12 @@ fn writer(
             }
         }
         let flushed = db.flush();
-        if flushed.is_ok() {
-            watermark.update(state.next_seqs(), !open);
+        match &flushed {
+            Ok(_) => watermark.update(state.next_seqs(), !open),
+            Err(e) => {
+                tracing::error!(error = %e, "spool flush failed (disk full?); nothing more is acknowledged until the spool is reopened");
+                shared.storage_failed.cancel();
+            }
         }
         publish(&state, &shared);
         for reply in replies {
