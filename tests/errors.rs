@@ -431,7 +431,6 @@ async fn http_rejects_bad_requests_and_accepts_nothing_from_them() {
     exp.add("good-text", "s3", Body::Binary(raw));
     let _ = BINARY;
 
-    drop(expect);
     let st = agent.sigterm_and_wait(Duration::from_secs(60)).await;
     assert!(
         st.success(),

@@ -107,7 +107,9 @@ async fn reopen_after_storage_failure(
                     tracing::info!(free_bytes = free, "spool reopened; sources resume");
                     return Ok(Some(p));
                 }
-                Err(e) => tracing::error!(error = %format!("{e:#}"), retry_in = ?delay, "reopening the spool failed"),
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), retry_in = ?delay, "reopening the spool failed")
+                }
             }
         } else {
             tracing::warn!(free_bytes = free, need_bytes = need, retry_in = ?delay, "waiting for free disk space under data_dir");
