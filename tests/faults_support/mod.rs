@@ -111,16 +111,7 @@ impl FStack {
             + &config::http_source("api", http_port, Some(TOKEN), "16MiB")
             + &sink;
         let mut agent = Agent::start(&scratch.join("agent"), &cfg);
-        agent
-            .wait_ready(
-                &[
-                    ("mqtt subscribed", 1),
-                    ("http listening", 1),
-                    ("silt running", 1),
-                ],
-                60,
-            )
-            .await;
+        agent.wait_stack_up().await;
         note(
             t0,
             format!(

@@ -165,6 +165,16 @@ impl Agent {
         }
     }
 
+    /// Waits for the start-up of the usual MQTT + HTTP stack.
+    pub async fn wait_stack_up(&mut self) {
+        let up = [
+            ("mqtt subscribed", 1),
+            ("http listening", 1),
+            ("silt running", 1),
+        ];
+        self.wait_ready(&up, 60).await;
+    }
+
     /// Sum of `records=N` over `uploaded object` lines of all runs.
     pub fn uploaded_records(&self) -> u64 {
         self.log_all()

@@ -49,19 +49,10 @@ pub async fn wait_until<F: FnMut() -> bool>(
     what: &str,
     mut cond: F,
 ) -> Result<(), String> {
-    let start = Instant::now();
-    loop {
-        if cond() {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "timed out after {:.1?} waiting for {what}",
-                start.elapsed()
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_async(deadline, Duration::from_millis(50), what, || {
+        std::future::ready(cond())
+    })
+    .await
 }
 
 /// Like [`wait_until`] with an async condition polled every `every`.
@@ -222,16 +213,7 @@ impl Stack {
             + &config::http_source("api", http_port, Some(TOKEN), "16MiB")
             + &config::s3_sink("lake", &["sensors", "api"], &s3, "gzip", batch);
         let mut agent = Agent::start(&scratch.join("agent"), &cfg);
-        agent
-            .wait_ready(
-                &[
-                    ("mqtt subscribed", 1),
-                    ("http listening", 1),
-                    ("silt running", 1),
-                ],
-                60,
-            )
-            .await;
+        agent.wait_stack_up().await;
         note(
             t0,
             format!(
