@@ -186,8 +186,13 @@ impl Pipeline {
                 dead_letter_dir.display()
             )
         })?;
-        let sink_names: Vec<String> = config.sinks.keys().cloned().collect();
-        let spool = Spool::open(data_dir, &sink_names, &config.spool)?;
+        let sinks = config
+            .sinks
+            .iter()
+            .map(|(name, sink)| batch::sink_spec(&config.agent.id, name, sink))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!(e))?;
+        let spool = Spool::open_partitioned(data_dir, &sinks, &config.spool)?;
         let metrics = Arc::new(Metrics::new(&config));
         let api_stop = CancellationToken::new();
         let api = match api::ApiServer::bind(&config.api, metrics.clone(), spool.clone()).await {

@@ -19,7 +19,7 @@ use crate::config::{BatchConfig, Compression, SinkConfig};
 use crate::event::{Event, now_ms};
 use crate::metrics::Metrics;
 use crate::sinks::{Sink, SinkError, Written};
-use crate::spool::{BatchMeta, SinkId, Spool, SpoolError};
+use crate::spool::{BatchMeta, SealRule, SinkId, SinkSpec, Spool, SpoolError};
 pub use encode::{encode_ndjson, rfc3339_ms};
 pub use key::KeyTemplate;
 
@@ -124,14 +124,13 @@ impl Batcher {
         let age = stats
             .oldest_unsealed_ms
             .map(|ts| Duration::from_millis(now_ms().saturating_sub(ts).max(0) as u64));
-        let due = stats.unsealed_records >= self.batch.max_records as u64
-            || stats.unsealed_bytes >= self.batch.max_bytes.as_u64()
+        let due = stats.fullest_records >= self.batch.max_records as u64
+            || stats.fullest_bytes >= self.batch.max_bytes.as_u64()
             || age.is_some_and(|a| a >= self.batch.max_age)
+            || stats.partitions > self.batch.max_partitions
             || (draining && stats.unsealed_records > 0);
-        if due {
-            if let Some((meta, events)) = self.seal().await?
-                && !self.upload(meta, &events, stop).await?
-            {
+        if due && let Some((meta, events)) = self.seal(draining).await? {
+            if !self.upload(meta, &events, stop).await? {
                 return Ok(Step::Done);
             }
             return Ok(Step::Continue);
@@ -151,15 +150,19 @@ impl Batcher {
         Ok(Step::Continue)
     }
 
-    async fn seal(&self) -> Result<Option<(BatchMeta, Vec<Event>)>, SpoolError> {
+    async fn seal(&self, draining: bool) -> Result<Option<(BatchMeta, Vec<Event>)>, SpoolError> {
         let (template, agent, sink) = (self.key.clone(), self.agent.clone(), self.name.clone());
+        let rule = SealRule {
+            max_records: self.batch.max_records as u64,
+            max_bytes: self.batch.max_bytes.as_u64(),
+            max_age_ms: self.batch.max_age.as_millis() as i64,
+            max_partitions: self.batch.max_partitions,
+            force: draining,
+        };
         self.spool
-            .seal(
-                self.sink,
-                self.batch.max_records as u64,
-                self.batch.max_bytes.as_u64(),
-                move |first, seq| template.render(&agent, &sink, first.ts_ms, seq),
-            )
+            .seal(self.sink, rule, move |first, seq| {
+                template.render(&agent, &sink, first, seq)
+            })
             .await
     }
 
@@ -273,6 +276,17 @@ impl Batcher {
             None => {}
         }
     }
+}
+
+/// How the spool keeps `sink`'s records: one partition per rendered key
+/// prefix, so one object never mixes partitions.
+pub fn sink_spec(agent: &str, name: &str, config: &SinkConfig) -> Result<SinkSpec, String> {
+    let template = KeyTemplate::parse(&config.key).map_err(|e| format!("sink {name}: {e}"))?;
+    let (agent, sink) = (agent.to_string(), name.to_string());
+    Ok(SinkSpec {
+        name: name.to_string(),
+        partition_of: Arc::new(move |event| template.partition(&agent, &sink, event)),
+    })
 }
 
 /// Where a batch goes when its key is taken by other bytes: the same key

@@ -193,6 +193,11 @@ pub struct MqttSourceConfig {
     /// Cap of the exponential backoff between reconnect attempts.
     #[serde(default = "default_reconnect_max", with = "humantime_serde")]
     pub reconnect_max: Duration,
+    /// Names for the topic's segments, set as event attributes
+    /// (`["site","device"]` on `plant-1/pump-7/...` sets `site` and `device`);
+    /// `""` skips a segment.
+    #[serde(default)]
+    pub topic_fields: Vec<String>,
 }
 
 fn default_qos() -> u8 {
@@ -319,6 +324,10 @@ pub struct BatchConfig {
     pub max_bytes: ByteSize,
     #[serde(default = "default_max_age", with = "humantime_serde")]
     pub max_age: Duration,
+    /// Open batches (one per rendered key prefix) before the oldest is
+    /// closed early.
+    #[serde(default = "default_max_partitions")]
+    pub max_partitions: usize,
 }
 
 impl Default for BatchConfig {
@@ -327,8 +336,13 @@ impl Default for BatchConfig {
             max_records: default_max_records(),
             max_bytes: default_batch_bytes(),
             max_age: default_max_age(),
+            max_partitions: default_max_partitions(),
         }
     }
+}
+
+fn default_max_partitions() -> usize {
+    1_000
 }
 
 fn default_max_records() -> usize {

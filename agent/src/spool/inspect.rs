@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::Path;
 
 use super::record;
-use super::state::decode_meta;
+use super::state::{decode_meta, split_record_key};
 use super::{SpoolError, move_aside, open_db, panic_message};
 use crate::event::now_ms;
 
@@ -170,7 +170,11 @@ fn check_inner(data_dir: &Path, repair: bool) -> Result<CheckReport, SpoolError>
             let t = db.open_tree(format!("{tree}/{sink}"))?;
             for item in t.iter() {
                 let (k, v) = item?;
-                let seq = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]));
+                let seq = if kind == "record" {
+                    split_record_key(&k).1
+                } else {
+                    u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]))
+                };
                 let problem = if kind == "record" {
                     report.records += 1;
                     record::decode(&v).err().map(|e| e.to_string())
@@ -223,7 +227,7 @@ fn export_inner(
         let records = db.open_tree(format!("records/{sink}"))?;
         for item in records.iter() {
             let (k, v) = item?;
-            let seq = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]));
+            let seq = split_record_key(&k).1;
             let Ok(event) = record::decode(&v) else {
                 tracing::warn!(
                     sink,
@@ -275,7 +279,17 @@ mod tests {
             ];
             spool.append(&[0], events).await.unwrap();
             spool
-                .seal(0, 1, u64::MAX, |_, s| format!("k{s}"))
+                .seal(
+                    0,
+                    super::super::SealRule {
+                        max_records: 1,
+                        max_bytes: u64::MAX,
+                        max_age_ms: 0,
+                        max_partitions: usize::MAX,
+                        force: true,
+                    },
+                    |_, s| format!("k{s}"),
+                )
                 .await
                 .unwrap();
         });

@@ -23,7 +23,9 @@ use crate::config::SpoolConfig;
 use crate::event::{Event, now_ms};
 pub use record::{DecodeError, decode, encode};
 use state::SpoolState;
-pub use state::{AppendOutcome, BatchMeta, LoadedBatch, Mark, SinkStats};
+pub use state::{
+    AppendOutcome, BatchMeta, LoadedBatch, Mark, Partitioner, SealRule, SinkSpec, SinkStats,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -64,8 +66,7 @@ enum Command {
     },
     Seal {
         sink: SinkId,
-        max_records: u64,
-        max_bytes: u64,
+        rule: SealRule,
         key: KeyFn,
         reply: oneshot::Sender<SealResult>,
     },
@@ -128,9 +129,20 @@ pub struct Spool {
 const MAX_GROUP: usize = 4096;
 
 impl Spool {
+    /// Opens (or creates) the spool under `dir` for sinks whose records all
+    /// share one partition, in order: `SinkId` `i` is `sinks[i]`.
+    pub fn open(dir: &Path, sinks: &[String], config: &SpoolConfig) -> Result<Spool, SpoolError> {
+        let specs: Vec<SinkSpec> = sinks.iter().map(|n| SinkSpec::unpartitioned(n)).collect();
+        Spool::open_partitioned(dir, &specs, config)
+    }
+
     /// Opens (or creates) the spool under `dir` for the given sinks, in order:
     /// `SinkId` `i` is `sinks[i]`.
-    pub fn open(dir: &Path, sinks: &[String], config: &SpoolConfig) -> Result<Spool, SpoolError> {
+    pub fn open_partitioned(
+        dir: &Path,
+        sinks: &[SinkSpec],
+        config: &SpoolConfig,
+    ) -> Result<Spool, SpoolError> {
         let path = dir.join("spool");
         let quarantine = dir.join("quarantine");
         let limits = state::Limits {
@@ -242,19 +254,18 @@ impl Spool {
         rx.await.map_err(|_| SpoolError::Closed)?
     }
 
-    /// Closes the next batch for `sink`, durably, before anything is uploaded.
+    /// Closes the next due batch for `sink`, durably, before anything is
+    /// uploaded; `None` when no partition is due under `rule`.
     pub async fn seal(
         &self,
         sink: SinkId,
-        max_records: u64,
-        max_bytes: u64,
+        rule: SealRule,
         key: impl FnOnce(&Event, u64) -> String + Send + 'static,
     ) -> SealResult {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Seal {
             sink,
-            max_records,
-            max_bytes,
+            rule,
             key: Box::new(key),
             reply,
         })?;
@@ -367,7 +378,7 @@ fn move_aside(dir: &Path) -> Result<PathBuf, SpoolError> {
 /// `Corruption` and panics on other damage; both become [`SpoolError::Damaged`].
 fn open_state(
     path: &Path,
-    sinks: &[String],
+    sinks: &[SinkSpec],
     limits: state::Limits,
     quarantine: &Path,
 ) -> Result<(sled::Db, SpoolState), SpoolError> {
@@ -375,11 +386,13 @@ fn open_state(
         path: path.to_path_buf(),
         detail,
     };
-    let opened = std::panic::catch_unwind(|| {
+    // The partitioners are plain functions of an event; a panic in sled
+    // leaves nothing of them half-updated.
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let db = open_db(path)?;
         let state = SpoolState::open(&db, sinks, limits, quarantine)?;
         Ok((db, state))
-    });
+    }));
     match opened {
         Err(panic) => Err(damaged(panic_message(&*panic))),
         Ok(Err(SpoolError::Open {
@@ -474,15 +487,10 @@ fn apply(state: &mut SpoolState, command: Command) -> Reply {
         } => Reply::Append(reply, state.append(&groups, &marks)),
         Command::Seal {
             sink,
-            max_records,
-            max_bytes,
+            rule,
             key,
             reply,
-        } => Reply::Seal(
-            sink,
-            reply,
-            state.seal(sink, max_records, max_bytes, key, now_ms()),
-        ),
+        } => Reply::Seal(sink, reply, state.seal(sink, &rule, key, now_ms())),
         Command::Complete { sink, batch, reply } => {
             Reply::Complete(reply, state.complete(sink, &batch))
         }

@@ -4,12 +4,15 @@
 //! thread, so no two mutations interleave; durability (the flush) is the
 //! caller's job, done once per group of commands.
 //!
-//! Per sink there are two trees: `records/<sink>` (sequence -> encoded
-//! event) and `batches/<sink>` (batch sequence -> [`BatchMeta`]). Records
-//! below the end of the last sealed batch belong to a batch; the rest are
-//! "unsealed" and wait for the batcher.
+//! Per sink there are two trees: `records/<sink>` ((partition, sequence)
+//! -> encoded event) and `batches/<sink>` (batch sequence -> [`BatchMeta`]).
+//! A partition is a run of records that may share an object (same rendered
+//! key prefix); its records below the end of its last sealed batch belong
+//! to a batch, the rest are "unsealed" and wait for the batcher.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +27,9 @@ use crate::event::Event;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchMeta {
     pub seq: u64,
+    /// The partition whose records `first..=last` the batch holds.
+    #[serde(default)]
+    pub partition: u64,
     pub first: u64,
     pub last: u64,
     pub key: String,
@@ -45,6 +51,42 @@ pub struct SinkStats {
     pub oldest_unsealed_ms: Option<i64>,
     pub sealed_batches: u64,
     pub sealed_bytes: u64,
+    /// Partitions holding unsealed records.
+    pub partitions: usize,
+    /// Unsealed records and bytes of the fullest partition.
+    pub fullest_records: u64,
+    pub fullest_bytes: u64,
+}
+
+/// Which partition to seal next; see [`SpoolState::seal`].
+#[derive(Debug, Clone, Copy)]
+pub struct SealRule {
+    pub max_records: u64,
+    pub max_bytes: u64,
+    pub max_age_ms: i64,
+    pub max_partitions: usize,
+    /// Seal the oldest partition even if it is not due (draining).
+    pub force: bool,
+}
+
+/// Maps an event to its partition (the key it renders to without `{batch}`).
+pub type Partitioner = Arc<dyn Fn(&Event) -> String + Send + Sync>;
+
+/// One sink as the spool knows it.
+#[derive(Clone)]
+pub struct SinkSpec {
+    pub name: String,
+    pub partition_of: Partitioner,
+}
+
+impl SinkSpec {
+    /// A sink whose records all share one partition.
+    pub fn unpartitioned(name: &str) -> SinkSpec {
+        SinkSpec {
+            name: name.to_string(),
+            partition_of: Arc::new(|_| String::new()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -57,14 +99,27 @@ pub struct AppendOutcome {
     pub dropped_old: u64,
 }
 
+/// The unsealed tail of one partition.
+#[derive(Debug)]
+struct OpenPartition {
+    prefix: String,
+    /// First record sequence not covered by a sealed batch.
+    unsealed_from: u64,
+    records: u64,
+    bytes: u64,
+    oldest_ms: Option<i64>,
+}
+
 pub(super) struct SinkLog {
     pub name: String,
     records: sled::Tree,
     batches: sled::Tree,
+    partition_of: Partitioner,
     next_seq: u64,
     next_batch: u64,
-    /// First record sequence not covered by a sealed batch.
-    unsealed_from: u64,
+    next_partition: u64,
+    open: BTreeMap<u64, OpenPartition>,
+    by_prefix: HashMap<String, u64>,
     pub stats: SinkStats,
 }
 
@@ -113,10 +168,26 @@ fn from_be(key: &[u8]) -> u64 {
     u64::from_be_bytes(key.try_into().unwrap_or([0; 8]))
 }
 
+/// Record key: partition then sequence, so a partition is one key range.
+pub(super) fn record_key(partition: u64, seq: u64) -> [u8; 16] {
+    let mut key = [0; 16];
+    key[..8].copy_from_slice(&be(partition));
+    key[8..].copy_from_slice(&be(seq));
+    key
+}
+
+/// `(partition, sequence)` of a record key.
+pub(super) fn split_record_key(key: &[u8]) -> (u64, u64) {
+    match key.split_at_checked(8) {
+        Some((partition, seq)) => (from_be(partition), from_be(seq)),
+        None => (0, from_be(key)),
+    }
+}
+
 impl SpoolState {
     pub fn open(
         db: &sled::Db,
-        sink_names: &[String],
+        sinks: &[SinkSpec],
         limits: Limits,
         quarantine: &Path,
     ) -> Result<SpoolState, SpoolError> {
@@ -129,30 +200,35 @@ impl SpoolState {
             limits,
             quarantine: quarantine.to_path_buf(),
         };
-        for name in sink_names {
-            let log = state.open_sink(db, name)?;
+        for spec in sinks {
+            let log = state.open_sink(db, spec)?;
             state.bytes += log.stats.unsealed_bytes + log.stats.sealed_bytes;
             state.sinks.push(log);
         }
         Ok(state)
     }
 
-    fn open_sink(&self, db: &sled::Db, name: &str) -> Result<SinkLog, SpoolError> {
+    fn open_sink(&self, db: &sled::Db, spec: &SinkSpec) -> Result<SinkLog, SpoolError> {
+        let name = spec.name.as_str();
         let records = db.open_tree(format!("records/{name}"))?;
         let batches = db.open_tree(format!("batches/{name}"))?;
         let stored_next = |key: String| -> Result<u64, SpoolError> {
             Ok(self.meta.get(key)?.map(|v| from_be(&v)).unwrap_or(0))
         };
-        let last_record = records.last()?.map(|(k, _)| from_be(&k) + 1).unwrap_or(0);
-        let next_seq = stored_next(format!("next_seq/{name}"))?.max(last_record);
-
-        let mut stats = SinkStats::default();
-        let mut unsealed_from = records
-            .first()?
-            .map(|(k, _)| from_be(&k))
-            .unwrap_or(next_seq);
-        let mut last_batch = 0;
-        for item in batches.iter() {
+        let mut log = SinkLog {
+            name: name.to_string(),
+            records,
+            batches,
+            partition_of: spec.partition_of.clone(),
+            next_seq: stored_next(format!("next_seq/{name}"))?,
+            next_batch: stored_next(format!("next_batch/{name}"))?,
+            next_partition: 0,
+            open: BTreeMap::new(),
+            by_prefix: HashMap::new(),
+            stats: SinkStats::default(),
+        };
+        let mut sealed_until: HashMap<u64, u64> = HashMap::new();
+        for item in log.batches.iter() {
             let (k, v) = item?;
             let meta = match self.decode_meta(name, &k, &v) {
                 Ok(meta) => meta,
@@ -165,33 +241,44 @@ impl SpoolState {
                         &format!("{name}-batch-{:020}.bin", from_be(&k)),
                         &v,
                     );
-                    batches.remove(&k)?;
+                    log.batches.remove(&k)?;
                     continue;
                 }
             };
-            stats.sealed_batches += 1;
-            stats.sealed_bytes += meta.bytes;
-            unsealed_from = unsealed_from.max(meta.last + 1);
-            last_batch = meta.seq + 1;
+            log.stats.sealed_batches += 1;
+            log.stats.sealed_bytes += meta.bytes;
+            let until = sealed_until.entry(meta.partition).or_default();
+            *until = (*until).max(meta.last + 1);
+            log.next_batch = log.next_batch.max(meta.seq + 1);
+            log.next_partition = log.next_partition.max(meta.partition + 1);
         }
-        let next_batch = stored_next(format!("next_batch/{name}"))?.max(last_batch);
-        for item in records.range(be(unsealed_from)..) {
-            let (_, v) = item?;
-            stats.unsealed_records += 1;
-            stats.unsealed_bytes += v.len() as u64;
-            if stats.oldest_unsealed_ms.is_none() {
-                stats.oldest_unsealed_ms = record::timestamp(&v);
+        for item in log.records.iter() {
+            let (k, v) = item?;
+            let (partition, seq) = split_record_key(&k);
+            log.next_seq = log.next_seq.max(seq + 1);
+            log.next_partition = log.next_partition.max(partition + 1);
+            if seq < sealed_until.get(&partition).copied().unwrap_or(0) {
+                continue;
             }
+            let p = log.open.entry(partition).or_insert_with(|| OpenPartition {
+                // A record that no longer decodes is quarantined when its
+                // batch is sealed; until then it sits in a partition of its own.
+                prefix: record::decode(&v)
+                    .map(|e| (spec.partition_of)(&e))
+                    .unwrap_or_default(),
+                unsealed_from: seq,
+                records: 0,
+                bytes: 0,
+                oldest_ms: record::timestamp(&v),
+            });
+            p.records += 1;
+            p.bytes += v.len() as u64;
         }
-        Ok(SinkLog {
-            name: name.to_string(),
-            records,
-            batches,
-            next_seq,
-            next_batch,
-            unsealed_from,
-            stats,
-        })
+        for (&id, p) in &log.open {
+            log.by_prefix.insert(p.prefix.clone(), id);
+        }
+        log.refresh_stats();
+        Ok(log)
     }
 
     fn decode_meta(&self, sink: &str, key: &[u8], value: &[u8]) -> Result<BatchMeta, SpoolError> {
@@ -250,16 +337,17 @@ impl SpoolState {
             for &sink in sinks {
                 let log = &mut self.sinks[sink];
                 let mut batch = sled::Batch::default();
-                for raw in raws {
-                    batch.insert(&be(log.next_seq), raw.as_slice());
+                for (event, raw) in events.iter().zip(raws) {
+                    let partition = log.partition_for(event);
+                    batch.insert(&record_key(partition, log.next_seq), raw.as_slice());
                     log.next_seq += 1;
-                    log.stats.unsealed_records += 1;
-                    log.stats.unsealed_bytes += raw.len() as u64;
-                }
-                if log.stats.oldest_unsealed_ms.is_none() {
-                    log.stats.oldest_unsealed_ms = events.first().map(|e| e.ts_ms);
+                    let p = log.open.get_mut(&partition).expect("just opened");
+                    p.records += 1;
+                    p.bytes += raw.len() as u64;
+                    p.oldest_ms.get_or_insert(event.ts_ms);
                 }
                 log.records.apply_batch(batch)?;
+                log.refresh_stats();
                 self.meta
                     .insert(format!("next_seq/{}", log.name), &be(log.next_seq))?;
             }
@@ -280,27 +368,39 @@ impl SpoolState {
         let mut freed = 0;
         let mut dropped = 0;
         while freed < want {
-            let Some(log) = self
+            let Some((log, partition)) = self
                 .sinks
                 .iter_mut()
-                .filter(|l| l.stats.unsealed_records > 0)
-                .min_by_key(|l| l.stats.oldest_unsealed_ms)
+                .filter_map(|l| {
+                    let (id, oldest) = l.oldest_partition()?;
+                    Some((oldest, l, id))
+                })
+                .min_by_key(|(oldest, _, _)| *oldest)
+                .map(|(_, l, id)| (l, id))
             else {
                 break;
             };
+            let from = log.open[&partition].unsealed_from;
             let Some((k, v)) = log
                 .records
-                .range(be(log.unsealed_from)..)
+                .range(record_key(partition, from)..=record_key(partition, u64::MAX))
                 .next()
                 .transpose()?
             else {
-                break;
+                log.close_partition(partition);
+                continue;
             };
             log.records.remove(&k)?;
-            log.unsealed_from = from_be(&k) + 1;
-            log.stats.unsealed_records -= 1;
-            log.stats.unsealed_bytes -= v.len() as u64;
-            log.stats.oldest_unsealed_ms = log.peek_oldest_unsealed()?;
+            let next = log.peek(partition, split_record_key(&k).1 + 1)?;
+            let p = log.open.get_mut(&partition).expect("chosen above");
+            p.unsealed_from = split_record_key(&k).1 + 1;
+            p.records -= 1;
+            p.bytes -= v.len() as u64;
+            p.oldest_ms = next;
+            if p.records == 0 {
+                log.close_partition(partition);
+            }
+            log.refresh_stats();
             freed += v.len() as u64;
             dropped += 1;
         }
@@ -308,34 +408,41 @@ impl SpoolState {
         Ok((dropped, freed))
     }
 
-    /// Closes the next batch of `sink` (up to the limits) and returns it with
-    /// its events, or `None` when nothing is unsealed.
+    /// Closes the next batch of `sink`, up to the limits, from the partition
+    /// `rule` picks, and returns it with its events; `None` when none is due.
     pub fn seal(
         &mut self,
         sink: usize,
-        max_records: u64,
-        max_bytes: u64,
+        rule: &SealRule,
         key: impl FnOnce(&Event, u64) -> String,
         now_ms: i64,
     ) -> Result<Option<(BatchMeta, Vec<Event>)>, SpoolError> {
         let log = &mut self.sinks[sink];
+        let Some(partition) = log.pick(rule, now_ms) else {
+            return Ok(None);
+        };
+        let from = log.open[&partition].unsealed_from;
         let mut events = Vec::new();
         let (mut count, mut bytes, mut last) = (0u64, 0u64, None);
         let mut quarantined = Vec::new();
-        for item in log.records.range(be(log.unsealed_from)..) {
+        let range = record_key(partition, from)..=record_key(partition, u64::MAX);
+        for item in log.records.range(range) {
             let (k, v) = item?;
-            if count > 0 && (count >= max_records || bytes + v.len() as u64 > max_bytes) {
+            if count > 0 && (count >= rule.max_records || bytes + v.len() as u64 > rule.max_bytes) {
                 break;
             }
+            let seq = split_record_key(&k).1;
             count += 1;
             bytes += v.len() as u64;
-            last = Some(from_be(&k));
+            last = Some(seq);
             match record::decode(&v) {
                 Ok(e) => events.push(e),
-                Err(err) => quarantined.push((from_be(&k), err, v.to_vec())),
+                Err(err) => quarantined.push((seq, err, v.to_vec())),
             }
         }
         let Some(last) = last else {
+            log.close_partition(partition);
+            log.refresh_stats();
             return Ok(None);
         };
         for (seq, err, raw) in quarantined {
@@ -343,7 +450,8 @@ impl SpoolState {
         }
         let meta = BatchMeta {
             seq: log.next_batch,
-            first: log.unsealed_from,
+            partition,
+            first: from,
             last,
             key: match events.first() {
                 Some(first) => key(first, log.next_batch),
@@ -358,12 +466,18 @@ impl SpoolState {
         log.next_batch += 1;
         self.meta
             .insert(format!("next_batch/{}", log.name), &be(log.next_batch))?;
-        log.unsealed_from = last + 1;
-        log.stats.unsealed_records -= count;
-        log.stats.unsealed_bytes -= bytes;
-        log.stats.oldest_unsealed_ms = log.peek_oldest_unsealed()?;
+        let next = log.peek(partition, last + 1)?;
+        let p = log.open.get_mut(&partition).expect("picked above");
+        p.unsealed_from = last + 1;
+        p.records -= count;
+        p.bytes -= bytes;
+        p.oldest_ms = next;
+        if p.records == 0 {
+            log.close_partition(partition);
+        }
         log.stats.sealed_batches += 1;
         log.stats.sealed_bytes += bytes;
+        log.refresh_stats();
         Ok(Some((meta, events)))
     }
 
@@ -377,7 +491,9 @@ impl SpoolState {
         // with records missing, which the batcher recognises as uploaded
         // (see `LoadedBatch::missing`) instead of re-batching leftovers.
         let mut remove = sled::Batch::default();
-        for item in log.records.range(be(batch.first)..=be(batch.last)) {
+        let range =
+            record_key(batch.partition, batch.first)..=record_key(batch.partition, batch.last);
+        for item in log.records.range(range) {
             remove.remove(item?.0);
         }
         log.records.apply_batch(remove)?;
@@ -401,18 +517,81 @@ impl SpoolState {
 }
 
 impl SinkLog {
-    fn peek_oldest_unsealed(&self) -> Result<Option<i64>, SpoolError> {
+    /// The open partition `event` belongs to, opened if needed.
+    fn partition_for(&mut self, event: &Event) -> u64 {
+        let prefix = (self.partition_of)(event);
+        if let Some(&id) = self.by_prefix.get(&prefix) {
+            return id;
+        }
+        let id = self.next_partition;
+        self.next_partition += 1;
+        self.open.insert(
+            id,
+            OpenPartition {
+                prefix: prefix.clone(),
+                unsealed_from: self.next_seq,
+                records: 0,
+                bytes: 0,
+                oldest_ms: None,
+            },
+        );
+        self.by_prefix.insert(prefix, id);
+        id
+    }
+
+    fn close_partition(&mut self, id: u64) {
+        if let Some(p) = self.open.remove(&id)
+            && self.by_prefix.get(&p.prefix) == Some(&id)
+        {
+            self.by_prefix.remove(&p.prefix);
+        }
+    }
+
+    fn oldest_partition(&self) -> Option<(u64, i64)> {
+        self.open
+            .iter()
+            .map(|(&id, p)| (id, p.oldest_ms.unwrap_or(i64::MIN)))
+            .min_by_key(|&(_, oldest)| oldest)
+    }
+
+    /// A full partition first; otherwise the oldest one, if it is old
+    /// enough, there are too many open, or `force`.
+    fn pick(&self, rule: &SealRule, now_ms: i64) -> Option<u64> {
+        let full = self
+            .open
+            .iter()
+            .find(|(_, p)| p.records >= rule.max_records || p.bytes >= rule.max_bytes);
+        if let Some((&id, _)) = full {
+            return Some(id);
+        }
+        let (id, oldest) = self.oldest_partition()?;
+        let due = rule.force
+            || self.open.len() > rule.max_partitions
+            || now_ms.saturating_sub(oldest) >= rule.max_age_ms;
+        due.then_some(id)
+    }
+
+    /// Timestamp of the first record of `partition` at or after `seq`.
+    fn peek(&self, partition: u64, seq: u64) -> Result<Option<i64>, SpoolError> {
         Ok(self
             .records
-            .range(be(self.unsealed_from)..)
+            .range(record_key(partition, seq)..=record_key(partition, u64::MAX))
             .next()
             .transpose()?
             .and_then(|(_, v)| record::timestamp(&v)))
     }
+
+    fn refresh_stats(&mut self) {
+        let s = &mut self.stats;
+        s.partitions = self.open.len();
+        s.unsealed_records = self.open.values().map(|p| p.records).sum();
+        s.unsealed_bytes = self.open.values().map(|p| p.bytes).sum();
+        s.oldest_unsealed_ms = self.open.values().filter_map(|p| p.oldest_ms).min();
+        s.fullest_records = self.open.values().map(|p| p.records).max().unwrap_or(0);
+        s.fullest_bytes = self.open.values().map(|p| p.bytes).max().unwrap_or(0);
+    }
 }
 
-/// Reads the events of a sealed batch back, quarantining records that no
-/// longer decode.
 /// A sealed batch read back from disk.
 #[derive(Debug)]
 pub struct LoadedBatch {
@@ -431,12 +610,13 @@ pub(super) fn load_batch(
 ) -> Result<LoadedBatch, SpoolError> {
     let mut events = Vec::with_capacity(batch.records as usize);
     let mut found = 0;
-    for item in records.range(be(batch.first)..=be(batch.last)) {
+    let range = record_key(batch.partition, batch.first)..=record_key(batch.partition, batch.last);
+    for item in records.range(range) {
         let (k, v) = item?;
         found += 1;
         match record::decode(&v) {
             Ok(e) => events.push(e),
-            Err(err) => quarantine(quarantine_dir, sink, from_be(&k), &err, &v),
+            Err(err) => quarantine(quarantine_dir, sink, split_record_key(&k).1, &err, &v),
         }
     }
     Ok(LoadedBatch {

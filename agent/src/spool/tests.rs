@@ -18,6 +18,36 @@ fn sinks() -> Vec<String> {
     vec!["a".to_string(), "b".to_string()]
 }
 
+/// Sink `a` unpartitioned; sink `b` partitioned by payload length parity,
+/// so the model test covers both.
+fn partitioned_sinks() -> Vec<SinkSpec> {
+    vec![
+        SinkSpec::unpartitioned("a"),
+        SinkSpec {
+            name: "b".to_string(),
+            partition_of: std::sync::Arc::new(|e: &Event| (e.payload.len() % 2).to_string()),
+        },
+    ]
+}
+
+fn partition_of(sink: SinkId, e: &Event) -> String {
+    match sink {
+        0 => String::new(),
+        _ => (e.payload.len() % 2).to_string(),
+    }
+}
+
+/// Seal whatever is oldest, at most `max_records`.
+fn forced(max_records: u64) -> SealRule {
+    SealRule {
+        max_records,
+        max_bytes: u64::MAX,
+        max_age_ms: i64::MAX,
+        max_partitions: usize::MAX,
+        force: true,
+    }
+}
+
 fn ev(ts: i64, payload: &[u8]) -> Event {
     Event::new(ts, "t", payload.to_vec())
 }
@@ -31,7 +61,7 @@ fn rt() -> tokio::runtime::Runtime {
 
 async fn seal_all(spool: &Spool, sink: SinkId) -> Option<(BatchMeta, Vec<Event>)> {
     spool
-        .seal(sink, u64::MAX, u64::MAX, |_, seq| format!("k{seq}"))
+        .seal(sink, forced(u64::MAX), |_, seq| format!("k{seq}"))
         .await
         .unwrap()
 }
@@ -184,11 +214,47 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// Open partitions in creation order, each with its unsealed events.
 #[derive(Default)]
 struct ModelSink {
-    unsealed: VecDeque<Event>,
+    unsealed: Vec<(String, VecDeque<Event>)>,
     sealed: VecDeque<(BatchMeta, Vec<Event>)>,
     last_batch_seq: Option<u64>,
+}
+
+impl ModelSink {
+    fn unsealed_events(&self) -> impl Iterator<Item = &Event> {
+        self.unsealed.iter().flat_map(|(_, events)| events)
+    }
+
+    fn append(&mut self, partition: String, event: Event) {
+        match self.unsealed.iter_mut().find(|(p, _)| *p == partition) {
+            Some((_, events)) => events.push_back(event),
+            None => self.unsealed.push((partition, VecDeque::from([event]))),
+        }
+    }
+
+    /// What the spool's forced seal takes: the first full partition in
+    /// creation order, else the one with the oldest event.
+    fn seal(&mut self, max_records: u64) -> Vec<Event> {
+        let full = self
+            .unsealed
+            .iter()
+            .position(|(_, e)| e.len() as u64 >= max_records);
+        let oldest = || {
+            (0..self.unsealed.len()).min_by_key(|&i| self.unsealed[i].1.front().map(|e| e.ts_ms))
+        };
+        let Some(i) = full.or_else(oldest) else {
+            return Vec::new();
+        };
+        let events = &mut self.unsealed[i].1;
+        let take = (max_records as usize).min(events.len());
+        let out = events.drain(..take).collect();
+        if events.is_empty() {
+            self.unsealed.remove(i);
+        }
+        out
+    }
 }
 
 fn check(spool: &Spool, model: &[ModelSink]) {
@@ -196,17 +262,18 @@ fn check(spool: &Spool, model: &[ModelSink]) {
         let stats = spool.stats(sink);
         assert_eq!(
             stats.unsealed_records,
-            m.unsealed.len() as u64,
+            m.unsealed_events().count() as u64,
             "unsealed records of sink {sink}"
         );
-        let unsealed_bytes: u64 = m.unsealed.iter().map(|e| encode(e).len() as u64).sum();
+        assert_eq!(stats.partitions, m.unsealed.len());
+        let unsealed_bytes: u64 = m.unsealed_events().map(|e| encode(e).len() as u64).sum();
         assert_eq!(
             stats.unsealed_bytes, unsealed_bytes,
             "unsealed bytes of sink {sink}"
         );
         assert_eq!(
             stats.oldest_unsealed_ms,
-            m.unsealed.front().map(|e| e.ts_ms)
+            m.unsealed_events().map(|e| e.ts_ms).min()
         );
         assert_eq!(
             stats.sealed_batches,
@@ -225,8 +292,7 @@ fn check(spool: &Spool, model: &[ModelSink]) {
     let total: u64 = model
         .iter()
         .flat_map(|m| {
-            m.unsealed
-                .iter()
+            m.unsealed_events()
                 .chain(m.sealed.iter().flat_map(|(_, e)| e))
         })
         .map(|e| encode(e).len() as u64)
@@ -245,7 +311,7 @@ proptest! {
     fn spool_matches_model(ops in prop::collection::vec(op(), 1..40)) {
         let dir = tempfile::tempdir().unwrap();
         let cfg = config(1 << 30, WhenFull::Block);
-        let mut spool = Spool::open(dir.path(), &sinks(), &cfg).unwrap();
+        let mut spool = Spool::open_partitioned(dir.path(), &partitioned_sinks(), &cfg).unwrap();
         let mut model = vec![ModelSink::default(), ModelSink::default()];
         let mut ts = 0;
         let rt = rt();
@@ -256,18 +322,20 @@ proptest! {
                     let out = rt.block_on(spool.append(&sinks, events.clone())).unwrap();
                     prop_assert_eq!(out.stored, events.len());
                     for s in sinks {
-                        model[s].unsealed.extend(events.iter().cloned());
+                        for e in &events {
+                            model[s].append(partition_of(s, e), e.clone());
+                        }
                     }
                 }
                 Op::Seal { sink, max_records } => {
-                    let sealed = rt.block_on(spool.seal(sink, max_records, u64::MAX, |_, seq| format!("k{seq}"))).unwrap();
+                    let sealed = rt.block_on(spool.seal(sink, forced(max_records), |_, seq| format!("k{seq}"))).unwrap();
                     let m = &mut model[sink];
-                    let take = (max_records as usize).min(m.unsealed.len());
-                    let expect: Vec<Event> = m.unsealed.drain(..take).collect();
+                    let expect = m.seal(max_records);
                     match sealed {
                         None => prop_assert!(expect.is_empty()),
                         Some((meta, events)) => {
                             prop_assert_eq!(&events, &expect);
+                            prop_assert!(events.iter().all(|e| partition_of(sink, e) == partition_of(sink, &events[0])), "batch mixes partitions");
                             prop_assert_eq!(&meta.key, &format!("k{}", meta.seq));
                             prop_assert!(m.last_batch_seq.is_none_or(|last| meta.seq > last), "batch sequence went backwards");
                             m.last_batch_seq = Some(meta.seq);
@@ -282,7 +350,7 @@ proptest! {
                 }
                 Op::Reopen => {
                     spool.close().unwrap();
-                    spool = Spool::open(dir.path(), &sinks(), &cfg).unwrap();
+                    spool = Spool::open_partitioned(dir.path(), &partitioned_sinks(), &cfg).unwrap();
                     for (sink, m) in model.iter().enumerate() {
                         let pending = spool.take_pending(sink);
                         let expect: Vec<BatchMeta> = m.sealed.iter().map(|(meta, _)| meta.clone()).collect();

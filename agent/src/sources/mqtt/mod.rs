@@ -128,6 +128,7 @@ impl MqttSource {
         let committer_done = CancellationToken::new();
         let committer = tokio::spawn(commit_loop(
             self.name.clone(),
+            self.config.topic_fields.clone(),
             self.ingest.clone(),
             client.clone(),
             rx,
@@ -251,6 +252,7 @@ impl Connection<'_> {
 
 async fn commit_loop(
     source: String,
+    topic_fields: Vec<String>,
     ingest: Ingest,
     client: AsyncClient,
     mut rx: mpsc::Receiver<Publish>,
@@ -273,7 +275,13 @@ async fn commit_loop(
                 "mqtt redeliveries of messages already committed; acked, not stored again"
             );
         }
-        commit(&source, &ingest, filtered.events, filtered.marks).await;
+        let mut events = filtered.events;
+        for event in &mut events {
+            event
+                .attributes
+                .extend(topic_attributes(&topic_fields, &event.topic));
+        }
+        commit(&source, &ingest, events, filtered.marks).await;
         for publish in group.drain(..) {
             if publish.qos != QoS::AtMostOnce
                 && let Err(e) = client.ack(&publish).await
@@ -283,6 +291,16 @@ async fn commit_loop(
         }
     }
     done.cancel();
+}
+
+/// Attributes named by `topic_fields` from the topic's segments, in order.
+fn topic_attributes(topic_fields: &[String], topic: &str) -> Vec<(String, String)> {
+    topic_fields
+        .iter()
+        .zip(topic.split('/'))
+        .filter(|(name, _)| !name.is_empty())
+        .map(|(name, segment)| (name.clone(), segment.to_string()))
+        .collect()
 }
 
 /// Commits one group, waiting out a full spool or a failing disk: the
@@ -321,6 +339,19 @@ async fn commit(source: &str, ingest: &Ingest, events: Vec<Event>, marks: Vec<Ma
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn topic_fields_name_segments() {
+        let fields = ["site".to_string(), "".to_string(), "metric".to_string()];
+        assert_eq!(
+            topic_attributes(&fields, "plant-1/pump-7/temp/extra"),
+            [
+                ("site".to_string(), "plant-1".to_string()),
+                ("metric".to_string(), "temp".to_string())
+            ]
+        );
+        assert_eq!(topic_attributes(&fields, "plant-1").len(), 1);
+    }
 
     #[test]
     fn broker_urls() {
