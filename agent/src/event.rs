@@ -35,6 +35,14 @@ impl Event {
     }
 }
 
+/// Attributes only silt itself sets (sources never take them from clients,
+/// and they are removed from plugin output).
+pub const RESERVED_ATTRIBUTE_PREFIX: &str = "silt.";
+
+/// Marks an event whose payload is a [`crate::media::MediaRef`] to a file in
+/// the data directory, not the data itself.
+pub const MEDIA_ATTRIBUTE: &str = "silt.media";
+
 /// Wall-clock now in milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -9,6 +9,7 @@ pub mod api;
 pub mod batch;
 pub mod config;
 pub mod event;
+pub mod media;
 pub mod metrics;
 pub mod plugin;
 pub mod reload;
@@ -24,7 +25,7 @@ use anyhow::Context;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use crate::batch::Batcher;
+use crate::batch::{Batcher, BatcherContext};
 use crate::config::{Config, SourceConfig};
 use crate::metrics::Metrics;
 use crate::plugin::Plugin;
@@ -193,6 +194,8 @@ impl Pipeline {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| anyhow::anyhow!(e))?;
         let spool = Spool::open_partitioned(data_dir, &sinks, &config.spool)?;
+        let media = media::MediaDir::open(data_dir)
+            .with_context(|| format!("cannot prepare {}", data_dir.join("media").display()))?;
         let metrics = Arc::new(Metrics::new(&config));
         let api_stop = CancellationToken::new();
         let api = match api::ApiServer::bind(&config.api, metrics.clone(), spool.clone()).await {
@@ -208,11 +211,20 @@ impl Pipeline {
         let mut batchers = JoinSet::new();
         for (name, sink) in &config.sinks {
             let store = sinks::build(name, sink)?;
-            let id = spool.sink_id(name).expect("spool opened with every sink");
-            let agent = &config.agent.id;
-            let batcher =
-                Batcher::new(id, name, agent, spool.clone(), store, sink, metrics.clone())
-                    .map_err(|e| anyhow::anyhow!("sink {name}: {e}"))?;
+            let context = BatcherContext {
+                sink: spool.sink_id(name).expect("spool opened with every sink"),
+                agent: config.agent.id.clone(),
+                spool: spool.clone(),
+                media: media.clone(),
+                sidecar_sinks: sink
+                    .sidecar_sinks
+                    .iter()
+                    .filter_map(|s| spool.sink_id(s))
+                    .collect(),
+                metrics: metrics.clone(),
+            };
+            let batcher = Batcher::new(name, store, sink, context)
+                .map_err(|e| anyhow::anyhow!("sink {name}: {e}"))?;
             batchers.spawn(batcher.run(drain.clone(), stop.clone()));
         }
 
@@ -221,6 +233,7 @@ impl Pipeline {
             spool.clone(),
             plugins,
             dead_letter,
+            media.clone(),
             metrics.clone(),
         );
         let sources_stop = CancellationToken::new();

@@ -13,8 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::config::Config;
-use crate::event::Event;
+use crate::config::{Config, Format};
+use crate::event::{Event, RESERVED_ATTRIBUTE_PREFIX};
+use crate::media::MediaDir;
 use crate::metrics::{Metrics, PluginCall};
 use crate::plugin::{DeadLetter, Plugin, PluginEngine, PluginError, PluginLimits};
 use crate::spool::{AppendOutcome, Mark, SinkId, Spool, SpoolError};
@@ -86,6 +87,9 @@ pub struct Ingest {
     stages: Arc<Vec<Arc<Stage>>>,
     drops: Arc<DropCounter>,
     metrics: Arc<Metrics>,
+    media: MediaDir,
+    /// Per source, the raw sinks that take its media uploads.
+    media_sinks: Arc<HashMap<String, Vec<(SinkId, String)>>>,
 }
 
 impl Ingest {
@@ -94,6 +98,7 @@ impl Ingest {
         spool: Spool,
         plugins: HashMap<String, Plugin>,
         dead_letter: DeadLetter,
+        media: MediaDir,
         metrics: Arc<Metrics>,
     ) -> Ingest {
         let dead_letter = Arc::new(dead_letter);
@@ -129,7 +134,23 @@ impl Ingest {
                 }
             }
         }
+        let media_sinks = config
+            .sources
+            .keys()
+            .map(|source| {
+                let raw = config
+                    .sinks
+                    .iter()
+                    .filter(|(_, cfg)| cfg.format == Format::Raw && cfg.inputs.contains(source));
+                let targets = raw
+                    .filter_map(|(sink, _)| Some((spool.sink_id(sink)?, sink.clone())))
+                    .collect();
+                (source.clone(), targets)
+            })
+            .collect();
         Ingest {
+            media,
+            media_sinks: Arc::new(media_sinks),
             spool,
             nodes: Arc::new(nodes),
             stages: Arc::new(stages.into_values().collect()),
@@ -165,6 +186,36 @@ impl Ingest {
         let count = events.len() as u64;
         let outcome = self.deliver(source, events, false, marks).await?;
         self.metrics.events_in(source, count);
+        Ok(outcome)
+    }
+
+    /// Whether the spool would refuse events now (full, `block` policy).
+    pub fn refuses_appends(&self) -> bool {
+        self.spool.refuses_appends()
+    }
+
+    /// Where media uploads are streamed to.
+    pub fn media_dir(&self) -> &MediaDir {
+        &self.media
+    }
+
+    /// The raw sinks (id, name) that take `source`'s media uploads.
+    pub fn media_sinks(&self, source: &str) -> &[(SinkId, String)] {
+        self.media_sinks.get(source).map_or(&[], Vec::as_slice)
+    }
+
+    /// Commits media reference events, one group per raw sink. Plugins do
+    /// not see media: its payload is a file on disk.
+    pub async fn ingest_media(
+        &self,
+        source: &str,
+        groups: Vec<(Vec<SinkId>, Vec<Event>)>,
+    ) -> Result<AppendOutcome, IngestError> {
+        if self.spool.refuses_appends() {
+            return Err(SpoolError::Full.into());
+        }
+        let outcome = self.spool.append_groups(groups, Vec::new()).await?;
+        self.metrics.events_in(source, 1);
         Ok(outcome)
     }
 
@@ -284,7 +335,16 @@ impl Stage {
                 result.is_err(),
             );
             match result {
-                Ok(out) => Ok(Some(out)),
+                Ok(mut out) => {
+                    // A plugin must not turn an event into a reference to a
+                    // local file the agent would then upload.
+                    for event in &mut out {
+                        event
+                            .attributes
+                            .retain(|(k, _)| !k.starts_with(RESERVED_ATTRIBUTE_PREFIX));
+                    }
+                    Ok(Some(out))
+                }
                 Err(error) => stage.dead_letter(&error, &events).map(|()| None),
             }
         })

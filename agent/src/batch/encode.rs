@@ -76,7 +76,8 @@ pub fn rfc3339_ms(ts_ms: i64) -> String {
 
 fn compress(plain: Vec<u8>, compression: Compression) -> Vec<u8> {
     match compression {
-        Compression::None => plain,
+        // Validation keeps snappy to Parquet sinks.
+        Compression::None | Compression::Snappy => plain,
         Compression::Gzip => {
             // GzEncoder writes mtime 0, keeping the output deterministic.
             let mut enc = flate2::write::GzEncoder::new(
@@ -93,7 +94,7 @@ fn compress(plain: Vec<u8>, compression: Compression) -> Vec<u8> {
 /// `Content-Type` and `Content-Encoding` of an encoded object.
 pub fn content_headers(compression: Compression) -> (&'static str, Option<&'static str>) {
     let encoding = match compression {
-        Compression::None => None,
+        Compression::None | Compression::Snappy => None,
         Compression::Gzip => Some("gzip"),
         Compression::Zstd => Some("zstd"),
     };

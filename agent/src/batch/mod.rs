@@ -8,6 +8,9 @@
 
 mod encode;
 mod key;
+mod media;
+mod object;
+mod parquet;
 mod progress;
 
 use std::sync::Arc;
@@ -15,13 +18,16 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{BatchConfig, Compression, SinkConfig};
+use crate::config::{BatchConfig, Format, SinkConfig};
 use crate::event::{Event, now_ms};
+use crate::media::MediaDir;
 use crate::metrics::Metrics;
 use crate::sinks::{Sink, SinkError, Written};
 use crate::spool::{BatchMeta, SealRule, SinkId, SinkSpec, Spool, SpoolError};
 pub use encode::{encode_ndjson, rfc3339_ms};
 pub use key::KeyTemplate;
+pub use object::CONTENT_TYPE_ATTRIBUTE;
+use object::{Encoding, Object};
 
 pub struct Batcher {
     sink: SinkId,
@@ -31,7 +37,8 @@ pub struct Batcher {
     target: Sink,
     key: KeyTemplate,
     batch: BatchConfig,
-    compression: Compression,
+    encoding: Encoding,
+    media: media::MediaSink,
     retry_max: Duration,
     metrics: Arc<Metrics>,
     progress: std::sync::Mutex<progress::BacklogProgress>,
@@ -48,27 +55,44 @@ fn backoff(attempt: u32, max: Duration) -> Duration {
     base.min(max)
 }
 
+/// Where a batcher's sink stands in the pipeline.
+pub struct BatcherContext {
+    pub sink: SinkId,
+    pub agent: String,
+    pub spool: Spool,
+    pub media: MediaDir,
+    /// Sinks that take this sink's media index lines.
+    pub sidecar_sinks: Vec<SinkId>,
+    pub metrics: Arc<Metrics>,
+}
+
 impl Batcher {
     pub fn new(
-        sink: SinkId,
         name: &str,
-        agent: &str,
-        spool: Spool,
         target: Sink,
         config: &SinkConfig,
-        metrics: Arc<Metrics>,
+        context: BatcherContext,
     ) -> Result<Batcher, String> {
+        let mut batch = config.batch.clone();
+        if config.format == Format::Raw {
+            batch.max_records = 1;
+        }
         Ok(Batcher {
-            sink,
+            sink: context.sink,
             name: name.to_string(),
-            agent: agent.to_string(),
-            spool,
+            agent: context.agent,
+            spool: context.spool,
             target,
-            key: KeyTemplate::parse(&config.key)?,
-            batch: config.batch.clone(),
-            compression: config.compression,
+            key: KeyTemplate::parse(&config.key())?,
+            batch,
+            encoding: Encoding::of(config),
+            media: media::MediaSink {
+                dir: context.media,
+                part_size: config.part_size.as_u64(),
+                sidecar_sinks: context.sidecar_sinks,
+            },
             retry_max: config.retry_max,
-            metrics,
+            metrics: context.metrics,
             progress: Default::default(),
         })
     }
@@ -174,25 +198,32 @@ impl Batcher {
         events: &[Event],
         stop: &CancellationToken,
     ) -> Result<bool, SpoolError> {
-        let body = {
-            let (events, agent, compression) =
-                (events.to_vec(), self.agent.clone(), self.compression);
-            tokio::task::spawn_blocking(move || encode_ndjson(&events, &agent, compression))
+        if events.is_empty() {
+            self.spool.complete(self.sink, meta).await?;
+            return Ok(true);
+        }
+        let built = {
+            let (events, agent, encoding) =
+                (events.to_vec(), self.agent.clone(), self.encoding.clone());
+            tokio::task::spawn_blocking(move || object::build(&events, &agent, &encoding))
                 .await
                 .expect("encoding does not panic")
         };
-        let (content_type, encoding) = encode::content_headers(self.compression);
-        let body = bytes::Bytes::from(body);
+        let object = match built {
+            Ok(object) => object,
+            Err(reason) => {
+                tracing::error!(sink = %self.name, key = %meta.key, reason, "batch cannot be uploaded; removing it from the spool");
+                self.spool.complete(self.sink, meta).await?;
+                return Ok(true);
+            }
+        };
         self.metrics
             .uploading(&self.name, events.iter().map(|e| e.ts_ms).min());
         let mut key = meta.key.clone();
         let (mut attempt, mut conflicts) = (0, 0);
-        loop {
-            let put = self
-                .target
-                .put_new(&key, body.clone(), content_type, encoding);
+        let size = loop {
             let result = tokio::select! {
-                r = put => r,
+                r = self.write(&key, &object) => r,
                 _ = stop.cancelled() => return Ok(false),
             };
             if let Err(e) = &result {
@@ -202,17 +233,15 @@ impl Batcher {
                 self.metrics.upload_retry(&self.name);
             }
             match result {
-                Ok(written) => {
+                Ok((written, size)) => {
                     if attempt > 0 {
                         tracing::info!(sink = %self.name, attempts = attempt + 1, "sink reachable again");
                     }
                     tracing::info!(
-                        sink = %self.name, key = %key, records = meta.records, bytes = body.len(),
+                        sink = %self.name, key = %key, records = meta.records, bytes = size,
                         already_there = written == Written::AlreadyThere, "uploaded object"
                     );
-                    self.metrics
-                        .object_committed(&self.name, meta.records, body.len() as u64);
-                    break;
+                    break size;
                 }
                 Err(SinkError::Conflict { .. }) => {
                     conflicts += 1;
@@ -238,13 +267,39 @@ impl Batcher {
                     }
                 }
             }
-        }
+        };
+        self.metrics
+            .object_committed(&self.name, meta.records, size);
         let records = meta.records;
-        let completed = self.spool.complete(self.sink, meta).await;
+        let completed = match &object {
+            Object::File { media, event, .. } => {
+                self.media
+                    .finish(&self.spool, self.sink, &self.name, meta, &key, media, event)
+                    .await
+            }
+            _ => self.spool.complete(self.sink, meta).await,
+        };
         self.metrics.uploading(&self.name, None);
         completed?;
         self.report_progress(records);
         Ok(true)
+    }
+
+    /// One attempt at writing `object` under `key`; the bytes written.
+    async fn write(&self, key: &str, object: &Object) -> Result<(Written, u64), SinkError> {
+        match object {
+            Object::Bytes { body, info } => {
+                let written = self.target.put_new(key, body.clone(), info).await?;
+                Ok((written, body.len() as u64))
+            }
+            Object::File { media, info, .. } => {
+                let written = self
+                    .media
+                    .upload(&self.spool, &self.name, &self.target, key, media, info)
+                    .await?;
+                Ok((written, media.size))
+            }
+        }
     }
 
     fn report_progress(&self, records: u64) {
@@ -281,7 +336,7 @@ impl Batcher {
 /// How the spool keeps `sink`'s records: one partition per rendered key
 /// prefix, so one object never mixes partitions.
 pub fn sink_spec(agent: &str, name: &str, config: &SinkConfig) -> Result<SinkSpec, String> {
-    let template = KeyTemplate::parse(&config.key).map_err(|e| format!("sink {name}: {e}"))?;
+    let template = KeyTemplate::parse(&config.key()).map_err(|e| format!("sink {name}: {e}"))?;
     let (agent, sink) = (agent.to_string(), name.to_string());
     Ok(SinkSpec {
         name: name.to_string(),

@@ -225,10 +225,17 @@ pub struct HttpSourceConfig {
     pub auth_token: Option<String>,
     #[serde(default = "default_max_body")]
     pub max_body: ByteSize,
+    /// Largest media upload (`PUT /v1/media/...`), streamed to disk.
+    #[serde(default = "default_max_media")]
+    pub max_media: ByteSize,
 }
 
 fn default_max_body() -> ByteSize {
     ByteSize::mib(16)
+}
+
+fn default_max_media() -> ByteSize {
+    ByteSize::gib(4)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -263,15 +270,38 @@ pub struct SinkConfig {
     #[serde(rename = "type")]
     pub kind: SinkKind,
     pub inputs: Vec<String>,
-    #[serde(default = "default_key")]
-    pub key: String,
     #[serde(default)]
-    pub compression: Compression,
+    pub format: Format,
+    /// Object key template; the default depends on `format` ([`default_key`]).
+    #[serde(default)]
+    pub key: Option<String>,
+    /// NDJSON: gzip (default), zstd or none, for the whole object. Parquet:
+    /// zstd (default), snappy or none, inside the file. Raw: none.
+    #[serde(default)]
+    pub compression: Option<Compression>,
+    /// Parquet: rows per row group.
+    #[serde(default = "default_row_group_size")]
+    pub row_group_size: usize,
     #[serde(default)]
     pub batch: BatchConfig,
     /// Cap of the exponential backoff between upload retries.
     #[serde(default = "default_retry_max", with = "humantime_serde")]
     pub retry_max: Duration,
+    /// `s3`: storage class of every object (`STANDARD_IA`, `GLACIER_IR`, ...).
+    #[serde(default)]
+    pub storage_class: Option<String>,
+    /// Attributes copied into each object's user metadata (`x-amz-meta-NAME`),
+    /// from the first event of the object.
+    #[serde(default)]
+    pub metadata_attributes: Vec<String>,
+    /// Raw: objects larger than this go up as a resumable multipart upload
+    /// in parts of this size (S3 needs at least 5 MiB).
+    #[serde(default = "default_part_size")]
+    pub part_size: ByteSize,
+    /// Raw: sinks that get one index line per media object written (key,
+    /// size, sha256, content type, stream, ts, attributes).
+    #[serde(default)]
+    pub sidecar_sinks: Vec<String>,
     /// `file`: the directory objects are written under.
     #[serde(default)]
     pub path: Option<PathBuf>,
@@ -291,6 +321,20 @@ pub struct SinkConfig {
     pub secret_access_key: Option<String>,
 }
 
+impl SinkConfig {
+    pub fn key(&self) -> String {
+        self.key.clone().unwrap_or_else(|| default_key(self.format))
+    }
+
+    pub fn compression(&self) -> Compression {
+        self.compression.unwrap_or(match self.format {
+            Format::Ndjson => Compression::Gzip,
+            Format::Parquet => Compression::Zstd,
+            Format::Raw => Compression::None,
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SinkKind {
@@ -298,20 +342,45 @@ pub enum SinkKind {
     File,
 }
 
-fn default_key() -> String {
-    "{sink}/year={yyyy}/month={MM}/day={dd}/hour={HH}/{agent}-{batch}.ndjson".to_string()
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// One JSON line per event.
+    #[default]
+    Ndjson,
+    /// Columns inferred from the JSON payloads.
+    Parquet,
+    /// Each event's payload as its own object (media).
+    Raw,
+}
+
+pub fn default_key(format: Format) -> String {
+    let partitioned = "{sink}/year={yyyy}/month={MM}/day={dd}/hour={HH}/{agent}-{batch}";
+    match format {
+        Format::Ndjson => format!("{partitioned}.ndjson"),
+        Format::Parquet => format!("{partitioned}.parquet"),
+        Format::Raw => "{sink}/{attr.stream}/{yyyy}/{MM}/{dd}/{agent}-{batch}-{attr.name}".into(),
+    }
+}
+
+fn default_row_group_size() -> usize {
+    65_536
+}
+
+fn default_part_size() -> ByteSize {
+    ByteSize::mib(8)
 }
 
 fn default_retry_max() -> Duration {
     Duration::from_secs(30)
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Compression {
-    #[default]
     Gzip,
     Zstd,
+    Snappy,
     None,
 }
 

@@ -43,7 +43,7 @@ fn defaults_fill_what_is_left_out() {
     let sink = &config.sinks["lake"];
     assert_eq!(sink.batch.max_records, 10_000);
     assert_eq!(sink.batch.max_age, std::time::Duration::from_secs(30));
-    assert_eq!(sink.compression, Compression::Gzip);
+    assert_eq!(sink.compression(), Compression::Gzip);
     assert_eq!(config.spool.when_full, WhenFull::Block);
     assert!(!config.agent.id.is_empty());
 }
@@ -150,6 +150,54 @@ fn graph_errors_name_the_component() {
             ),
             "qos 2 is not supported",
         ),
+        (
+            MINIMAL.replace(
+                "path = \"./lake\"",
+                "path = \"./lake\"\nformat = \"parquet\"\ncompression = \"gzip\"",
+            ),
+            "take compression zstd, snappy, none",
+        ),
+        (
+            MINIMAL.replace(
+                "path = \"./lake\"",
+                "path = \"./lake\"\nstorage_class = \"STANDARD_IA\"",
+            ),
+            "`storage_class` belongs to s3",
+        ),
+        (
+            MINIMAL.replace("type = \"file\"", "type = \"s3\"").replace(
+                "path = \"./lake\"",
+                "bucket = \"b\"\nstorage_class = \"COLD\"",
+            ),
+            "unknown storage class `COLD`",
+        ),
+        (
+            MINIMAL.replace("type = \"file\"", "type = \"s3\"").replace(
+                "path = \"./lake\"",
+                "bucket = \"b\"\nformat = \"raw\"\npart_size = \"1MiB\"",
+            ),
+            "at least 5MiB",
+        ),
+        (
+            MINIMAL.replace(
+                "path = \"./lake\"",
+                "path = \"./lake\"\nformat = \"raw\"\nsidecar_sinks = [\"lake\"]",
+            ),
+            "must be another sink",
+        ),
+        (
+            format!(
+                "{MINIMAL}\n[sources.m]\ntype = \"mqtt\"\nurl = \"mqtt://h\"\ntopics = [\"a\"]\ntopic_fields = [\"silt.media\"]\n"
+            ),
+            "reserved",
+        ),
+        (
+            MINIMAL.replace(
+                "path = \"./lake\"",
+                "path = \"./lake\"\nkey = \"{attr.}/{batch}\"",
+            ),
+            "unknown placeholder",
+        ),
     ];
     for (text, expect) in cases {
         let err = load_str(&text, "c.toml").unwrap_err().to_string();
@@ -169,7 +217,7 @@ fn a_directory_merges_in_name_order() {
     write(dir.path(), "ignored.txt", "not toml");
     let config = load(dir.path()).unwrap();
     assert_eq!(config.agent.id, "dev-7");
-    assert_eq!(config.sinks["lake"].compression, Compression::Zstd);
+    assert_eq!(config.sinks["lake"].compression(), Compression::Zstd);
     assert_eq!(config.sinks["lake"].inputs, ["api"]);
 }
 
@@ -286,7 +334,7 @@ fn fleet_directory_merges_base_site_others_then_device() {
     );
     let config = load(dir.path()).unwrap();
     assert_eq!(config.agent.id, "dev");
-    assert_eq!(config.sinks["lake"].compression, Compression::None);
+    assert_eq!(config.sinks["lake"].compression(), Compression::None);
     let SourceConfig::Mqtt(m) = &config.sources["m"] else {
         panic!("mqtt source expected")
     };

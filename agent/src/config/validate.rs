@@ -4,7 +4,7 @@
 use std::collections::{BTreeSet, HashSet};
 
 use super::load::{ConfigError, Origins};
-use super::{Config, SinkConfig, SinkKind, SourceConfig};
+use super::{Compression, Config, Format, SinkConfig, SinkKind, SourceConfig};
 use crate::batch::KeyTemplate;
 
 pub(super) fn validate(config: &Config, origins: &Origins) -> Result<(), ConfigError> {
@@ -124,8 +124,11 @@ pub(super) fn validate(config: &Config, origins: &Origins) -> Result<(), ConfigE
                 );
             }
         }
-        if let Err(message) = KeyTemplate::parse(&sink.key) {
+        if let Err(message) = KeyTemplate::parse(&sink.key()) {
             return fail(format!("sinks.{name}.key"), message);
+        }
+        if let Err((key, message)) = validate_sink_format(name, sink, config) {
+            return fail(format!("sinks.{name}.{key}"), message);
         }
         if let Err((key, message)) = validate_sink_kind(sink) {
             return fail(format!("sinks.{name}.{key}"), message);
@@ -178,6 +181,16 @@ fn validate_source(source: &SourceConfig) -> Result<(), (&'static str, String)> 
             if mqtt.username.is_none() && mqtt.password.is_some() {
                 return Err(("password", "`password` is set without `username`".into()));
             }
+            if let Some(f) = mqtt
+                .topic_fields
+                .iter()
+                .find(|f| f.starts_with(crate::event::RESERVED_ATTRIBUTE_PREFIX))
+            {
+                return Err((
+                    "topic_fields",
+                    format!("`{f}`: attribute names starting with `silt.` are reserved"),
+                ));
+            }
             Ok(())
         }
         SourceConfig::Http(_) => Ok(()),
@@ -224,6 +237,98 @@ fn validate_sink_kind(sink: &SinkConfig) -> Result<(), (&'static str, String)> {
             Ok(())
         }
     }
+}
+
+/// Storage classes S3 documents for PUT and CreateMultipartUpload.
+pub const STORAGE_CLASSES: [&str; 10] = [
+    "STANDARD",
+    "REDUCED_REDUNDANCY",
+    "STANDARD_IA",
+    "ONEZONE_IA",
+    "INTELLIGENT_TIERING",
+    "GLACIER",
+    "GLACIER_IR",
+    "DEEP_ARCHIVE",
+    "OUTPOSTS",
+    "EXPRESS_ONEZONE",
+];
+
+fn validate_sink_format(
+    name: &str,
+    sink: &SinkConfig,
+    config: &Config,
+) -> Result<(), (&'static str, String)> {
+    let allowed: &[Compression] = match sink.format {
+        Format::Ndjson => &[Compression::Gzip, Compression::Zstd, Compression::None],
+        Format::Parquet => &[Compression::Zstd, Compression::Snappy, Compression::None],
+        Format::Raw => &[Compression::None],
+    };
+    if !allowed.contains(&sink.compression()) {
+        return Err((
+            "compression",
+            format!(
+                "{:?} sinks take compression {}",
+                sink.format,
+                allowed
+                    .iter()
+                    .map(|c| format!("{c:?}").to_lowercase())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
+    if sink.row_group_size == 0 {
+        return Err(("row_group_size", "must be above zero".into()));
+    }
+    if let Some(class) = &sink.storage_class {
+        if sink.kind != SinkKind::S3 {
+            return Err((
+                "storage_class",
+                "`storage_class` belongs to s3 sinks".into(),
+            ));
+        }
+        if !STORAGE_CLASSES.contains(&class.as_str()) {
+            return Err((
+                "storage_class",
+                format!(
+                    "unknown storage class `{class}`; known: {}",
+                    STORAGE_CLASSES.join(", ")
+                ),
+            ));
+        }
+    }
+    let header_token = |a: &String| {
+        !a.is_empty()
+            && a.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+    };
+    if let Some(bad) = sink.metadata_attributes.iter().find(|a| !header_token(a)) {
+        return Err((
+            "metadata_attributes",
+            format!("`{bad}` cannot be an object metadata name: use letters, digits, `-` and `_`"),
+        ));
+    }
+    if sink.kind == SinkKind::S3 && sink.part_size.as_u64() < 5 * 1024 * 1024 {
+        return Err(("part_size", "S3 needs parts of at least 5MiB".into()));
+    }
+    for target in &sink.sidecar_sinks {
+        match config.sinks.get(target) {
+            Some(t) if target != name && t.format != Format::Raw => {}
+            _ => {
+                return Err((
+                    "sidecar_sinks",
+                    format!("`{target}` must be another sink of this config, not a raw one"),
+                ));
+            }
+        }
+    }
+    if !sink.sidecar_sinks.is_empty() && sink.format != Format::Raw {
+        return Err((
+            "sidecar_sinks",
+            "only raw sinks write media objects that need an index".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Returns a transform that is part of a cycle, if any.
@@ -313,7 +418,7 @@ impl Config {
             };
             out.push_str(&format!(
                 "sink      {name} ({target}, key {}) <- {}\n",
-                sink.key,
+                sink.key(),
                 sink.inputs.join(", ")
             ));
         }

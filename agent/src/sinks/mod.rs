@@ -2,16 +2,19 @@
 //! silt writes an object.
 
 mod file;
+mod multipart;
 mod s3;
 
 use std::sync::Arc;
 
+use object_store::multipart::MultipartStore;
 use object_store::path::Path as ObjectPath;
 use object_store::{
     Attribute, Attributes, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
 };
 
 use crate::config::{SinkConfig, SinkKind};
+pub use multipart::{Checkpoint, UploadState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -24,6 +27,13 @@ pub enum SinkError {
     },
     #[error("object {key} already exists with other content; it was left untouched")]
     Conflict { key: String },
+    #[error("reading media file {path} failed: {source}")]
+    Media {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("saving upload progress of {key} failed: {message}")]
+    Checkpoint { key: String, message: String },
 }
 
 impl SinkError {
@@ -37,7 +47,8 @@ impl SinkError {
                     | object_store::Error::NotSupported { .. }
                     | object_store::Error::InvalidPath { .. }
             ),
-            SinkError::Setup { .. } | SinkError::Conflict { .. } => false,
+            SinkError::Checkpoint { .. } => true,
+            SinkError::Setup { .. } | SinkError::Conflict { .. } | SinkError::Media { .. } => false,
         }
     }
 }
@@ -45,8 +56,11 @@ impl SinkError {
 /// One configured destination for objects.
 pub struct Sink {
     store: Arc<dyn ObjectStore>,
-    /// Local files have no place for content type and encoding.
+    /// Resumable multipart uploads (S3); `None` for local files.
+    multipart: Option<Arc<dyn MultipartStore>>,
+    /// Local files have no place for content type, encoding or metadata.
     object_attributes: bool,
+    storage_class: Option<String>,
 }
 
 pub fn build(name: &str, config: &SinkConfig) -> Result<Sink, SinkError> {
@@ -54,13 +68,19 @@ pub fn build(name: &str, config: &SinkConfig) -> Result<Sink, SinkError> {
         sink: name.to_string(),
         message,
     };
-    let (store, object_attributes) = match config.kind {
-        SinkKind::S3 => (s3::build(config).map_err(setup)?, true),
-        SinkKind::File => (file::build(config).map_err(setup)?, false),
-    };
+    let (store, multipart): (Arc<dyn ObjectStore>, Option<Arc<dyn MultipartStore>>) =
+        match config.kind {
+            SinkKind::S3 => {
+                let s3 = s3::build(config).map_err(setup)?;
+                (s3.clone(), Some(s3))
+            }
+            SinkKind::File => (file::build(config).map_err(setup)?, None),
+        };
     Ok(Sink {
         store,
-        object_attributes,
+        object_attributes: multipart.is_some(),
+        multipart,
+        storage_class: config.storage_class.clone(),
     })
 }
 
@@ -73,31 +93,54 @@ pub enum Written {
     AlreadyThere,
 }
 
-/// Writes `body` under `key` without ever replacing an existing object.
-///
-/// A conditional create makes retries after a crash idempotent: if the key
-/// exists with the same bytes, our earlier attempt succeeded; if it exists
-/// with other bytes, somebody else's data is there and is not overwritten.
+/// HTTP-level properties of one object.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub content_type: String,
+    pub content_encoding: Option<&'static str>,
+    /// User metadata (`x-amz-meta-NAME`).
+    pub metadata: Vec<(String, String)>,
+}
+
 impl Sink {
+    fn attributes(&self, info: &ObjectInfo) -> Attributes {
+        let mut attributes = Attributes::new();
+        if !self.object_attributes {
+            return attributes;
+        }
+        attributes.insert(Attribute::ContentType, info.content_type.clone().into());
+        if let Some(encoding) = info.content_encoding {
+            attributes.insert(Attribute::ContentEncoding, encoding.into());
+        }
+        if let Some(class) = &self.storage_class {
+            attributes.insert(Attribute::StorageClass, class.clone().into());
+        }
+        for (name, value) in &info.metadata {
+            attributes.insert(
+                Attribute::Metadata(name.clone().into()),
+                value.clone().into(),
+            );
+        }
+        attributes
+    }
+
+    /// Writes `body` under `key` without ever replacing an existing object.
+    ///
+    /// A conditional create makes retries after a crash idempotent: if the
+    /// key exists with the same bytes, our earlier attempt succeeded; if it
+    /// exists with other bytes, somebody else's data is there and is not
+    /// overwritten.
     pub async fn put_new(
         &self,
         key: &str,
         body: bytes::Bytes,
-        content_type: &'static str,
-        content_encoding: Option<&'static str>,
+        info: &ObjectInfo,
     ) -> Result<Written, SinkError> {
         let store = self.store.as_ref();
         let path = ObjectPath::from(key);
-        let mut attributes = Attributes::new();
-        if self.object_attributes {
-            attributes.insert(Attribute::ContentType, content_type.into());
-            if let Some(encoding) = content_encoding {
-                attributes.insert(Attribute::ContentEncoding, encoding.into());
-            }
-        }
         let options = PutOptions {
             mode: PutMode::Create,
-            attributes,
+            attributes: self.attributes(info),
             ..Default::default()
         };
         let write_err = |source| SinkError::Write {

@@ -3,12 +3,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use object_store::aws::AmazonS3Builder;
-use object_store::{BackoffConfig, ClientOptions, ObjectStore, RetryConfig};
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::{BackoffConfig, ClientOptions, RetryConfig};
 
 use crate::config::SinkConfig;
 
-pub(super) fn build(config: &SinkConfig) -> Result<Arc<dyn ObjectStore>, String> {
+pub(super) fn build(config: &SinkConfig) -> Result<Arc<AmazonS3>, String> {
     let bucket = config.bucket.as_deref().unwrap_or_default();
     // Credentials and region from the environment (AWS_*) first, so keys in
     // the config override them.

@@ -144,6 +144,7 @@ impl Limits {
 
 /// A small key/value stored with an append, after its records, so it is
 /// durable exactly when they are (e.g. which MQTT packet ids were committed).
+/// An empty value removes the key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mark {
     pub tree: String,
@@ -310,8 +311,9 @@ impl SpoolState {
         let count: usize = groups.iter().map(|(_, events)| events.len()).sum();
         let mut outcome = AppendOutcome::default();
         let over_cap = (self.bytes + need).saturating_sub(self.limits.max_bytes);
-        let disk_short = self.limits.disk_short(need);
-        if over_cap > 0 || disk_short {
+        // Marks alone (upload progress) are tiny and free space later.
+        let disk_short = count > 0 && self.limits.disk_short(need);
+        if count > 0 && (over_cap > 0 || disk_short) {
             match self.limits.when_full {
                 WhenFull::Block => return Err(SpoolError::Full),
                 WhenFull::DropNewest => {
@@ -353,9 +355,12 @@ impl SpoolState {
             }
         }
         for mark in marks {
-            self.db
-                .open_tree(&mark.tree)?
-                .insert(&mark.key, mark.value.as_slice())?;
+            let tree = self.db.open_tree(&mark.tree)?;
+            if mark.value.is_empty() {
+                tree.remove(&mark.key)?;
+            } else {
+                tree.insert(&mark.key, mark.value.as_slice())?;
+            }
         }
         self.bytes += need;
         outcome.stored = count;

@@ -1,5 +1,8 @@
 //! HTTP source: `POST /v1/ingest/{stream}` answers 202 only after the
-//! events are committed to the spool.
+//! events are committed to the spool; `PUT /v1/media/{stream}/{name}`
+//! (see [`media`]) answers 201 once the upload is on disk and referenced.
+
+mod media;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -37,6 +40,7 @@ struct Handler {
     name: String,
     auth_token: Option<String>,
     max_body: u64,
+    max_media: u64,
     ingest: Ingest,
 }
 
@@ -66,6 +70,7 @@ impl HttpSource {
             name: name.to_string(),
             auth_token: config.auth_token.clone().filter(|t| !t.is_empty()),
             max_body: config.max_body.as_u64(),
+            max_media: config.max_media.as_u64(),
             ingest,
         };
         Ok(HttpSource {
@@ -128,6 +133,10 @@ fn error_reply(status: StatusCode, message: impl Into<String>) -> Reply {
 
 impl Handler {
     async fn handle(&self, req: Request<Incoming>) -> Reply {
+        if let Some(rest) = req.uri().path().strip_prefix("/v1/media/") {
+            let rest = rest.to_string();
+            return self.handle_media(req, &rest).await;
+        }
         let Some(stream) = req
             .uri()
             .path()
@@ -136,7 +145,7 @@ impl Handler {
         else {
             return error_reply(
                 StatusCode::NOT_FOUND,
-                "unknown path; POST events to /v1/ingest/{stream}",
+                "unknown path; POST events to /v1/ingest/{stream}, PUT media to /v1/media/{stream}/{name}",
             );
         };
         if stream.is_empty() || stream.contains('/') {
@@ -145,20 +154,8 @@ impl Handler {
                 "the stream name must be one non-empty path segment",
             );
         }
-        if req.method() != Method::POST {
-            let mut resp = error_reply(StatusCode::METHOD_NOT_ALLOWED, "use POST");
-            resp.headers_mut()
-                .insert("allow", "POST".parse().expect("static header"));
-            return resp;
-        }
-        if !self.authorized(&req) {
-            let mut resp = error_reply(
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong token: send `Authorization: Bearer <token>`",
-            );
-            resp.headers_mut()
-                .insert(WWW_AUTHENTICATE, "Bearer".parse().expect("static header"));
-            return resp;
+        if let Some(refused) = self.refuse(&req, Method::POST) {
+            return refused;
         }
         let declared = req
             .headers()
@@ -215,24 +212,46 @@ impl Handler {
                 }
                 json_reply(StatusCode::ACCEPTED, body)
             }
-            Err(e) => {
-                // A full spool or a failing disk are both "try again later".
-                let status = if e.is_retryable() {
-                    StatusCode::SERVICE_UNAVAILABLE
-                } else {
-                    StatusCode::INTERNAL_SERVER_ERROR
-                };
-                if status == StatusCode::INTERNAL_SERVER_ERROR {
-                    tracing::error!(source = %self.name, error = %e, "http events not committed");
-                }
-                let mut resp = error_reply(status, e.to_string());
-                if e.is_retryable() {
-                    resp.headers_mut()
-                        .insert(RETRY_AFTER, "1".parse().expect("static header"));
-                }
-                resp
-            }
+            Err(e) => self.not_committed(&e),
         }
+    }
+
+    /// A full spool or a failing disk are both "try again later".
+    fn not_committed(&self, e: &crate::transform::IngestError) -> Reply {
+        let status = if e.is_retryable() {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
+        };
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(source = %self.name, error = %e, "http events not committed");
+        }
+        let mut resp = error_reply(status, e.to_string());
+        if e.is_retryable() {
+            resp.headers_mut()
+                .insert(RETRY_AFTER, "1".parse().expect("static header"));
+        }
+        resp
+    }
+
+    /// The reply for a wrong method or a missing token, if any.
+    fn refuse(&self, req: &Request<Incoming>, method: Method) -> Option<Reply> {
+        if req.method() != method {
+            let mut resp = error_reply(StatusCode::METHOD_NOT_ALLOWED, format!("use {method}"));
+            resp.headers_mut()
+                .insert("allow", method.as_str().parse().expect("static header"));
+            return Some(resp);
+        }
+        if !self.authorized(req) {
+            let mut resp = error_reply(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong token: send `Authorization: Bearer <token>`",
+            );
+            resp.headers_mut()
+                .insert(WWW_AUTHENTICATE, "Bearer".parse().expect("static header"));
+            return Some(resp);
+        }
+        None
     }
 
     fn too_large(&self) -> Reply {

@@ -1,0 +1,197 @@
+//! What a sealed batch becomes: the bytes of one object (NDJSON, Parquet,
+//! or a raw payload), or a media file to stream from disk.
+//!
+//! A pure function of the events and the sink's settings, so a batch
+//! re-uploaded after a crash produces the same object.
+
+use bytes::Bytes;
+
+use super::encode::{content_headers, encode_ndjson};
+use super::parquet::{PARQUET_CONTENT_TYPE, ParquetCompression, ParquetOptions, encode_parquet};
+use crate::config::{Compression, Format, SinkConfig};
+use crate::event::{Event, RESERVED_ATTRIBUTE_PREFIX};
+use crate::media::MediaRef;
+use crate::sinks::ObjectInfo;
+
+/// The attribute a source or plugin sets to give a raw object its type.
+pub const CONTENT_TYPE_ATTRIBUTE: &str = "content_type";
+
+/// How a sink turns batches into objects.
+#[derive(Debug, Clone)]
+pub struct Encoding {
+    pub format: Format,
+    pub compression: Compression,
+    pub row_group_size: usize,
+    pub metadata_attributes: Vec<String>,
+}
+
+impl Encoding {
+    pub fn of(config: &SinkConfig) -> Encoding {
+        Encoding {
+            format: config.format,
+            compression: config.compression(),
+            row_group_size: config.row_group_size,
+            metadata_attributes: config.metadata_attributes.clone(),
+        }
+    }
+}
+
+pub enum Object {
+    Bytes {
+        body: Bytes,
+        info: ObjectInfo,
+    },
+    /// A media file; `event` is the reference event, for the sidecar index.
+    File {
+        media: MediaRef,
+        info: ObjectInfo,
+        event: Box<Event>,
+    },
+}
+
+/// The object for a batch (`events` is never empty), or why there is none:
+/// a media reference that cannot be read.
+pub fn build(events: &[Event], agent: &str, encoding: &Encoding) -> Result<Object, String> {
+    let metadata = metadata(&events[0], &encoding.metadata_attributes);
+    Ok(match encoding.format {
+        Format::Ndjson => ndjson(events, agent, encoding.compression, metadata),
+        Format::Parquet => {
+            let options = ParquetOptions {
+                compression: match encoding.compression {
+                    Compression::Snappy => ParquetCompression::Snappy,
+                    Compression::None => ParquetCompression::None,
+                    _ => ParquetCompression::Zstd,
+                },
+                row_group_size: encoding.row_group_size,
+            };
+            match encode_parquet(events, agent, &options) {
+                Ok(body) => Object::Bytes {
+                    body: body.into(),
+                    info: ObjectInfo {
+                        content_type: PARQUET_CONTENT_TYPE.to_string(),
+                        content_encoding: None,
+                        metadata,
+                    },
+                },
+                Err(e) => {
+                    // Keep the data flowing in a form the lake can still read.
+                    tracing::error!(error = %e, retryable = e.is_retryable(), records = events.len(), "parquet encoding failed; writing this batch as NDJSON under the same key");
+                    ndjson(events, agent, Compression::None, metadata)
+                }
+            }
+        }
+        Format::Raw => raw(&events[0], metadata)?,
+    })
+}
+
+fn ndjson(
+    events: &[Event],
+    agent: &str,
+    compression: Compression,
+    metadata: Vec<(String, String)>,
+) -> Object {
+    let (content_type, content_encoding) = content_headers(compression);
+    Object::Bytes {
+        body: encode_ndjson(events, agent, compression).into(),
+        info: ObjectInfo {
+            content_type: content_type.to_string(),
+            content_encoding,
+            metadata,
+        },
+    }
+}
+
+fn raw(event: &Event, metadata: Vec<(String, String)>) -> Result<Object, String> {
+    Ok(match MediaRef::of(event) {
+        Some(Ok(media)) => Object::File {
+            info: ObjectInfo {
+                content_type: media.content_type.clone(),
+                content_encoding: None,
+                metadata,
+            },
+            media,
+            event: Box::new(event.clone()),
+        },
+        Some(Err(e)) => return Err(format!("corrupt media reference: {e}")),
+        None => Object::Bytes {
+            body: event.payload.clone(),
+            info: ObjectInfo {
+                content_type: event
+                    .attribute(CONTENT_TYPE_ATTRIBUTE)
+                    .unwrap_or("application/octet-stream")
+                    .to_string(),
+                content_encoding: None,
+                metadata,
+            },
+        },
+    })
+}
+
+/// The configured attributes the event has, as object metadata.
+fn metadata(event: &Event, names: &[String]) -> Vec<(String, String)> {
+    names
+        .iter()
+        .filter(|n| !n.starts_with(RESERVED_ATTRIBUTE_PREFIX))
+        .filter_map(|n| Some((n.clone(), event.attribute(n)?.to_string())))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::MEDIA_ATTRIBUTE;
+
+    fn encoding(format: Format) -> Encoding {
+        Encoding {
+            format,
+            compression: Compression::None,
+            row_group_size: 10,
+            metadata_attributes: vec!["site".into(), "absent".into()],
+        }
+    }
+
+    #[test]
+    fn raw_objects_take_type_and_metadata_from_attributes() {
+        let mut e = Event::new(0, "cam/1", b"\xff\xd8jpeg".to_vec());
+        e.attributes.push(("site".into(), "berlin".into()));
+        e.attributes
+            .push(("content_type".into(), "image/jpeg".into()));
+        let Ok(Object::Bytes { body, info }) = build(&[e], "a", &encoding(Format::Raw)) else {
+            panic!("inline payload")
+        };
+        assert_eq!(&body[..], b"\xff\xd8jpeg");
+        assert_eq!(info.content_type, "image/jpeg");
+        assert_eq!(info.metadata, [("site".to_string(), "berlin".to_string())]);
+    }
+
+    #[test]
+    fn media_references_become_files() {
+        let media = MediaRef {
+            file: "lake-1".into(),
+            size: 3,
+            sha256: "ab".into(),
+            content_type: "video/mp4".into(),
+        };
+        let mut e = Event::new(0, "cam", serde_json::to_vec(&media).unwrap());
+        e.attributes.push((MEDIA_ATTRIBUTE.into(), "1".into()));
+        match build(&[e.clone()], "a", &encoding(Format::Raw)) {
+            Ok(Object::File { media: m, info, .. }) => {
+                assert_eq!(m, media);
+                assert_eq!(info.content_type, "video/mp4");
+            }
+            _ => panic!("expected a file"),
+        }
+        e.payload = bytes::Bytes::from_static(b"{");
+        assert!(build(&[e], "a", &encoding(Format::Raw)).is_err());
+    }
+
+    #[test]
+    fn parquet_objects_are_typed() {
+        let e = Event::new(0, "t", br#"{"x":1}"#.to_vec());
+        let Ok(Object::Bytes { body, info }) = build(&[e], "a", &encoding(Format::Parquet)) else {
+            panic!("bytes")
+        };
+        assert_eq!(info.content_type, PARQUET_CONTENT_TYPE);
+        assert_eq!(&body[..4], b"PAR1");
+    }
+}

@@ -1,0 +1,243 @@
+//! Media (images, video chunks): too large for the spool, so each upload is
+//! streamed into a file under `<data_dir>/media` and the spool holds a small
+//! [`MediaRef`] to it. The file is fsynced before the reference is
+//! committed, so an acknowledged upload is on disk, and it is deleted once
+//! the object holding it is confirmed written.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+use tokio::io::AsyncWriteExt;
+
+use crate::event::{Event, MEDIA_ATTRIBUTE};
+
+/// What an event of a raw sink carries instead of a media payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaRef {
+    /// File name under the media directory.
+    pub file: String,
+    pub size: u64,
+    pub sha256: String,
+    pub content_type: String,
+}
+
+impl MediaRef {
+    /// The reference an event holds, if it is a media event.
+    pub fn of(event: &Event) -> Option<Result<MediaRef, serde_json::Error>> {
+        event
+            .attribute(MEDIA_ATTRIBUTE)
+            .map(|_| serde_json::from_slice(&event.payload))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    #[error("the upload is larger than max_media ({max} bytes)")]
+    TooLarge { max: u64 },
+    #[error("reading the upload failed after {received} bytes: {message}; nothing was stored")]
+    Body { received: u64, message: String },
+    #[error("writing the upload to {path} failed: {source}; check free space under data_dir")]
+    Disk { path: PathBuf, source: io::Error },
+}
+
+impl ReceiveError {
+    /// Whether the client may send the same upload again later.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, ReceiveError::TooLarge { .. })
+    }
+}
+
+/// An upload on disk, fsynced, not yet referenced by the spool.
+#[derive(Debug)]
+pub struct Received {
+    pub path: PathBuf,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// `<data_dir>/media`: `incoming/` while an upload streams in, then one
+/// hard link per raw sink that takes it, so each sink deletes its own copy.
+#[derive(Debug, Clone)]
+pub struct MediaDir {
+    root: PathBuf,
+}
+
+impl MediaDir {
+    /// Opens the directory, deleting uploads an earlier process left
+    /// incomplete: they were never acknowledged.
+    pub fn open(data_dir: &Path) -> io::Result<MediaDir> {
+        let root = data_dir.join("media");
+        let incoming = root.join("incoming");
+        if incoming.exists() {
+            // Uploads of this process may be streaming in (a reload).
+            let ours = format!("-{}-", std::process::id());
+            for entry in std::fs::read_dir(&incoming)? {
+                let path = entry?.path();
+                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                if !name.contains(&ours) {
+                    tracing::info!(path = %path.display(), "removing an upload that did not complete before the last stop");
+                    std::fs::remove_file(&path)?;
+                }
+            }
+        }
+        std::fs::create_dir_all(&incoming)?;
+        Ok(MediaDir { root })
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.root.join(file)
+    }
+
+    /// Streams `body` into a new file under `incoming/`, hashing it, and
+    /// fsyncs it. On any error the partial file is removed.
+    pub async fn receive<S, E>(&self, body: S, max: u64) -> Result<Received, ReceiveError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let path = self.root.join("incoming").join(unique_name());
+        let result = write_stream(&path, body, max).await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&path).await;
+        }
+        result
+    }
+
+    /// Gives each of `sinks` its own link to a received file; returns the
+    /// file names in `sinks` order and removes the incoming name.
+    pub fn commit(&self, received: &Received, sinks: &[&str]) -> io::Result<Vec<String>> {
+        let stem = received
+            .path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("upload")
+            .to_string();
+        let mut names = Vec::new();
+        for sink in sinks {
+            let name = format!("{sink}-{stem}");
+            std::fs::hard_link(&received.path, self.root.join(&name))?;
+            names.push(name);
+        }
+        std::fs::remove_file(&received.path)?;
+        std::fs::File::open(&self.root)?.sync_all()?;
+        Ok(names)
+    }
+
+    /// Deletes a file whose object is written (or whose reference was not
+    /// committed); a missing file is fine.
+    pub fn remove(&self, file: &str) {
+        if let Err(e) = std::fs::remove_file(self.root.join(file))
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(file, error = %e, "removing an uploaded media file failed");
+        }
+    }
+}
+
+async fn write_stream<S, E>(path: &Path, mut body: S, max: u64) -> Result<Received, ReceiveError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let disk = |source| ReceiveError::Disk {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = tokio::fs::File::create(path).await.map_err(disk)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut size = 0u64;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| ReceiveError::Body {
+            received: size,
+            message: e.to_string(),
+        })?;
+        size += chunk.len() as u64;
+        if size > max {
+            return Err(ReceiveError::TooLarge { max });
+        }
+        hasher.update(&chunk);
+        file.write_all(&chunk).await.map_err(disk)?;
+    }
+    file.sync_all().await.map_err(disk)?;
+    Ok(Received {
+        path: path.to_path_buf(),
+        size,
+        sha256: hex(&hasher.finalize()),
+    })
+}
+
+fn unique_name() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}-{}",
+        crate::event::now_ms(),
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunks(
+        parts: Vec<Result<&'static [u8], &'static str>>,
+    ) -> impl Stream<Item = Result<Bytes, &'static str>> + Unpin {
+        futures::stream::iter(parts.into_iter().map(|p| p.map(Bytes::from_static)))
+    }
+
+    #[tokio::test]
+    async fn receive_hashes_and_commit_links_per_sink() {
+        let dir = tempfile::tempdir().unwrap();
+        let media = MediaDir::open(dir.path()).unwrap();
+        let got = media
+            .receive(chunks(vec![Ok(b"hello "), Ok(b"world")]), 100)
+            .await
+            .unwrap();
+        assert_eq!(got.size, 11);
+        assert_eq!(
+            got.sha256,
+            "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9"
+        );
+        let names = media.commit(&got, &["a", "b"]).unwrap();
+        for name in &names {
+            assert_eq!(std::fs::read(media.path(name)).unwrap(), b"hello world");
+        }
+        assert!(!got.path.exists());
+        media.remove(&names[0]);
+        assert!(!media.path(&names[0]).exists());
+        assert!(media.path(&names[1]).exists());
+    }
+
+    #[tokio::test]
+    async fn broken_or_oversized_uploads_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let media = MediaDir::open(dir.path()).unwrap();
+        let err = media
+            .receive(chunks(vec![Ok(b"part"), Err("connection reset")]), 100)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ReceiveError::Body { received: 4, .. }),
+            "{err}"
+        );
+        let err = media
+            .receive(chunks(vec![Ok(b"0123456789")]), 5)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ReceiveError::TooLarge { .. }));
+        let left = std::fs::read_dir(dir.path().join("media/incoming"))
+            .unwrap()
+            .count();
+        assert_eq!(left, 0);
+    }
+}
