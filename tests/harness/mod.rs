@@ -16,6 +16,7 @@ pub mod lake;
 pub mod mqtt;
 pub mod payload;
 pub mod procs;
+pub mod python;
 
 use std::future::Future;
 use std::net::{Ipv4Addr, TcpListener, TcpStream};

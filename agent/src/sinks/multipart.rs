@@ -110,6 +110,7 @@ impl Sink {
                 Ok(part) => {
                     state.parts.push(part.content_id);
                     checkpoint.save(Some(&state)).await?;
+                    tracing::info!(key, part = idx + 1, parts, "multipart part written");
                 }
                 Err(e) => return self.failed(key, sha256, write_err(e), checkpoint).await,
             }

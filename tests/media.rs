@@ -1,0 +1,3 @@
+//! Media uploads: see the helper's module docs (being written).
+
+mod harness;
