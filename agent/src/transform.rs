@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::config::{Config, Format};
+use crate::config::{Config, Format, SourceConfig};
 use crate::event::{Event, RESERVED_ATTRIBUTE_PREFIX};
 use crate::media::MediaDir;
 use crate::metrics::{Metrics, PluginCall};
@@ -123,8 +123,12 @@ impl Ingest {
         let names = config.sources.keys().chain(config.transforms.keys());
         for name in names {
             let node = nodes.entry(name.clone()).or_default();
+            let http = matches!(config.sources.get(name), Some(SourceConfig::Http(_)));
             for (sink, cfg) in &config.sinks {
-                if cfg.inputs.contains(name) {
+                // A raw sink reading an HTTP source takes its media uploads
+                // (see `media_sinks`), not one object per posted event.
+                let media_only = http && cfg.format == Format::Raw;
+                if cfg.inputs.contains(name) && !media_only {
                     node.sinks.extend(spool.sink_id(sink));
                 }
             }

@@ -125,7 +125,9 @@ impl Drop for MotoServer {
 }
 
 /// boto3 client setup shared by the scripts: `s3(endpoint, key, secret)`.
-pub const BOTO3_PRELUDE: &str = "import sys, json, boto3\n\
-def s3(endpoint, key, secret):\n\
-    return boto3.client('s3', endpoint_url=endpoint, region_name='us-east-1', \
-aws_access_key_id=key, aws_secret_access_key=secret)\n";
+pub const BOTO3_PRELUDE: &str = "
+import sys, json, boto3
+def s3(endpoint, key, secret):
+    return boto3.client('s3', endpoint_url=endpoint, region_name='us-east-1',
+                        aws_access_key_id=key, aws_secret_access_key=secret)
+";

@@ -110,10 +110,14 @@ pub(super) fn validate(config: &Config, origins: &Origins) -> Result<(), ConfigE
     }
 
     for (name, sink) in &config.sinks {
-        if sink.inputs.is_empty() {
+        let indexes_media = config
+            .sinks
+            .values()
+            .any(|s| s.sidecar_sinks.contains(name));
+        if sink.inputs.is_empty() && !indexes_media {
             return fail(
                 format!("sinks.{name}.inputs"),
-                "a sink needs at least one input".into(),
+                "a sink needs at least one input (or to be another sink's `sidecar_sinks` target)".into(),
             );
         }
         for input in &sink.inputs {

@@ -86,7 +86,8 @@ enum Kind {
     Int,
     Float,
     Str,
-    /// Any mix that no one type holds, and arrays: JSON text.
+    /// Any mix that no one type holds, and arrays: text (strings as they
+    /// are, other values as JSON).
     Json,
 }
 
@@ -96,6 +97,7 @@ impl Kind {
             Value::Null => Kind::Null,
             Value::Bool(_) => Kind::Bool,
             Value::Number(n) if n.is_i64() => Kind::Int,
+            // Including integers above i64::MAX: only Float64 holds those.
             Value::Number(_) => Kind::Float,
             Value::String(_) => Kind::Str,
             Value::Array(_) | Value::Object(_) => Kind::Json,
@@ -155,7 +157,7 @@ pub(super) fn payload_columns<'a>(
 
 impl Column<'_> {
     pub(super) fn to_array(&self) -> (DataType, ArrayRef) {
-        let values = self.values.iter().map(|v| *v);
+        let values = self.values.iter().copied();
         match self.kind {
             Kind::Bool => (
                 DataType::Boolean,
@@ -174,12 +176,20 @@ impl Column<'_> {
                 Arc::new(values.map(|v| v?.as_str()).collect::<StringArray>()),
             ),
             // A field that is null everywhere still gets a column, of the
-            // type any reader accepts.
+            // type any reader accepts. Strings stay as they are, so the
+            // column matches a plain string column of another batch, and a
+            // number reads as the text a reader's int/float -> string cast
+            // gives.
             Kind::Json | Kind::Null => (
                 DataType::Utf8,
                 Arc::new(
                     values
-                        .map(|v| v.map(Value::to_string))
+                        .map(|v| {
+                            v.map(|v| match v {
+                                Value::String(s) => s.clone(),
+                                other => other.to_string(),
+                            })
+                        })
                         .collect::<StringArray>(),
                 ),
             ),
