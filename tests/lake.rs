@@ -224,7 +224,6 @@ async fn parquet_lake_partitioned_by_plugin_attribute_reads_back_in_pyarrow() {
     assert_eq!(got["schema"]["reading"], "string");
     assert_eq!(got["reading"]["4"], json!("r4"));
     assert_eq!(got["reading"]["3"], json!("3"));
-    assert_eq!(got["reading"]["4"], json!("4"));
     assert_eq!(got["schema"]["meta.unit"], "string");
     let partitions = got["partitions"].as_array().unwrap();
     assert_eq!(partitions.len(), 4, "{partitions:?}");

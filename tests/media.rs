@@ -1,3 +1,531 @@
-//! Media uploads: see the helper's module docs (being written).
+//! Media uploads: `PUT /v1/media/{stream}/{name}` -> raw S3 sink (one object
+//! per upload, multipart above `part_size`) -> sidecar index line in the
+//! NDJSON lake. Each test has its own scratch dir, s3s-fs and agent.
+//!
+//! - `large_upload_bounded_memory_byte_identical`: a 200 MiB upload streamed
+//!   by the client (generated and hashed chunk by chunk) gets 201 with the
+//!   client's sha256; the object in S3 streams back byte-identical (size,
+//!   sha256, `x-amz-meta-sha256`); the agent's peak RSS (VmHWM) stays within
+//!   64 MiB of its idle RSS; exactly one sidecar line in the lake with the
+//!   object's key, size, sha256 and attributes (query `site=plant-1` among
+//!   them); `<data_dir>/media` holds no file afterwards.
+//! - `sigkill_mid_multipart_upload_resumes`: 120 MiB in 8 MiB parts (15)
+//!   through a throttling proxy; SIGKILL once part 3 is logged; s3s-fs shows
+//!   the parts it holds (boto3 `list_parts`); after a restart the agent logs
+//!   `resuming multipart upload` with parts_done > 0 and re-sends only the
+//!   missing parts; one object (sha256 intact, no duplicate under another
+//!   key), no multipart upload left open, exactly one sidecar line.
+//! - `disconnect_midway_stores_nothing`: a client declaring 50 MiB that
+//!   drops after 10 MiB gets no 2xx; the partial file goes, nothing reaches
+//!   S3 or the lake (checked after a later upload has landed, the barrier),
+//!   and that later upload gets 201.
+//! - `over_max_media_is_413_and_stores_nothing`: `max_media = "1MiB"`; a
+//!   declared 2 MiB body gets 413 before any body is sent, a chunked 2 MiB
+//!   body (no declared length) is refused too; nothing stored, and a
+//!   512 KiB upload still goes through.
 
 mod harness;
+
+use std::time::{Duration, Instant};
+
+use harness::lake::LakeRecord;
+use harness::media::*;
+use harness::payload::Body;
+use harness::python::{self, BOTO3_PRELUDE};
+use harness::*;
+use serde_json::{Value, json};
+
+const AGENT: &str = "cam-gw";
+const STREAM: &str = "cam1";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_upload_bounded_memory_byte_identical() {
+    let mut st = MediaStack::start("media-large", "8MiB", None, None).await;
+    let pid = st.agent.pid().expect("agent running");
+    let idle = proc_status_bytes(pid, "VmRSS").expect("VmRSS");
+    let hwm_at_start = proc_status_bytes(pid, "VmHWM").expect("VmHWM");
+    st.note(format!(
+        "agent idle: VmRSS {:.1} MiB (VmHWM so far {:.1} MiB)",
+        mib(idle),
+        mib(hwm_at_start)
+    ));
+
+    const LEN: u64 = 200 * MIB;
+    let name = "clip-200m.mp4";
+    let reply = st.put(name, "?site=plant-1", LEN, 1).await;
+    st.note(format!(
+        "PUT {name}: {:?} in {:.2?} ({:.0} MiB/s) {}",
+        reply.status,
+        reply.took,
+        mib(LEN) / reply.took.as_secs_f64(),
+        reply.body
+    ));
+    assert_eq!(reply.status, Some(201), "PUT reply: {reply:?}");
+    assert_eq!(reply.sent, LEN);
+    let ack = reply.json();
+    assert_eq!(ack["sha256"], json!(reply.sha256), "201 body: {ack}");
+    assert_eq!(ack["size"], json!(LEN), "201 body: {ack}");
+    assert_eq!(ack["stream"], json!(STREAM));
+    assert_eq!(ack["name"], json!(name));
+
+    // The index line is written only after the object is confirmed.
+    let line = st.sidecar_line(name, 300).await;
+    let peak = proc_status_bytes(pid, "VmHWM").expect("VmHWM");
+    let parts = st.agent.count_log("multipart part written");
+    st.note(format!(
+        "object written in {parts} parts; agent VmHWM {:.1} MiB, idle VmRSS {:.1} MiB: peak - idle = {:.1} MiB",
+        mib(peak),
+        mib(idle),
+        mib(peak.saturating_sub(idle))
+    ));
+    assert_eq!(parts, 25, "200 MiB in 8 MiB parts");
+    assert!(
+        peak.saturating_sub(idle) < 64 * MIB,
+        "agent memory grew by {:.1} MiB (idle {:.1} MiB, peak {:.1} MiB) for a 200 MiB upload; expected < 64 MiB",
+        mib(peak.saturating_sub(idle)),
+        mib(idle),
+        mib(peak)
+    );
+
+    let key = st.only_object(name).await;
+    let t = Instant::now();
+    let (size, sha) = st.bucket.sha256(&key).await.unwrap();
+    st.note(format!("read back {key}: {size} bytes in {:.2?}", t.elapsed()));
+    assert_eq!(size, LEN, "object size");
+    assert_eq!(sha, reply.sha256, "object sha256 differs from what was sent");
+    assert_eq!(
+        st.bucket.metadata(&key, "sha256").await.unwrap().as_deref(),
+        Some(reply.sha256.as_str()),
+        "x-amz-meta-sha256"
+    );
+
+    check_index_line(&line, &key, LEN, &reply.sha256, name, &[("site", "plant-1")]);
+    st.assert_media_dir_empty().await;
+    assert_eq!(st.sidecar_lines().await.len(), 1, "one index line");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_multipart_upload_resumes() {
+    // 24 MiB/s to S3: ~0.33 s per 8 MiB part, ~5 s for all 15, so the
+    // SIGKILL after part 3 lands well inside the upload.
+    const RATE: u64 = 24 * MIB;
+    let mut st = MediaStack::start("media-resume", "8MiB", None, Some(RATE)).await;
+    const LEN: u64 = 120 * MIB;
+    const PARTS: usize = 15;
+    let name = "clip-120m.mp4";
+    let reply = st.put(name, "?site=plant-2", LEN, 2).await;
+    assert_eq!(reply.status, Some(201), "PUT reply: {reply:?}");
+    assert_eq!(reply.json()["sha256"], json!(reply.sha256));
+    st.note(format!("PUT {name}: 201 in {:.2?}", reply.took));
+
+    // SIGKILL as soon as part 3 is logged (parts are written in order).
+    let pid = st.agent.pid();
+    st.agent
+        .wait_log_n("multipart part written", 3, deadline(120))
+        .await
+        .unwrap();
+    st.agent.kill9();
+    let run1 = st.agent.log_run();
+    let parts_before: Vec<u64> = part_numbers(&run1);
+    let key = run1
+        .lines()
+        .find(|l| l.contains("multipart part written"))
+        .and_then(|l| agent::field(l, "key"))
+        .expect("key in the part log line");
+    st.note(format!(
+        "SIGKILLed agent (pid {pid:?}) after parts {parts_before:?} of {PARTS} were logged; key {key}"
+    ));
+    assert!(
+        parts_before.len() >= 3 && parts_before.len() < PARTS,
+        "the kill must land mid-upload; parts logged: {parts_before:?}"
+    );
+    assert_eq!(parts_before, (1..=parts_before.len() as u64).collect::<Vec<_>>());
+    assert!(
+        st.bucket.list("media/").await.unwrap().is_empty(),
+        "no object may exist before the upload is completed"
+    );
+
+    // Evidence from the server: the open upload and the parts it holds.
+    let uploads = open_uploads(&st.s3);
+    assert_eq!(uploads.len(), 1, "one open multipart upload: {uploads:?}");
+    let server_parts = match python::python() {
+        Some(py) => {
+            let out = python::run(
+                &py,
+                &format!("{BOTO3_PRELUDE}{LIST_PARTS}"),
+                &[
+                    &st.s3.endpoint(),
+                    procs::S3_ACCESS_KEY,
+                    procs::S3_SECRET_KEY,
+                    &st.s3.bucket,
+                    &key,
+                    &uploads[0],
+                ],
+            );
+            let v: Value = serde_json::from_str(out.trim()).expect("script output is JSON");
+            st.note(format!(
+                "s3s-fs: list_multipart_uploads -> {}; list_parts({}) -> {}",
+                v["list_multipart_uploads"], uploads[0], v["parts"]
+            ));
+            let parts: Vec<(u64, u64)> = v["parts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| (p[0].as_u64().unwrap(), p[1].as_u64().unwrap()))
+                .collect();
+            Some(parts)
+        }
+        None => None,
+    };
+    if let Some(parts) = &server_parts {
+        let numbers: Vec<u64> = parts.iter().map(|p| p.0).collect();
+        // Every logged part is on the server (logged after the store's OK
+        // and the checkpoint); one more may have finished unlogged.
+        assert!(
+            numbers.starts_with(&parts_before)
+                && numbers.len() <= parts_before.len() + 1,
+            "server parts {numbers:?} vs logged {parts_before:?}"
+        );
+        assert!(parts.iter().all(|p| p.1 == 8 * MIB), "part sizes: {parts:?}");
+    }
+
+    st.proxy.as_ref().unwrap().set_rate(0);
+    st.agent.spawn();
+    st.wait_up().await;
+    st.note("agent restarted");
+    let line = st.sidecar_line(name, 180).await;
+    let run2 = st.agent.log_run();
+    let resume = run2
+        .lines()
+        .find(|l| l.contains("resuming multipart upload"))
+        .unwrap_or_else(|| panic!("no `resuming multipart upload` in the second run"));
+    let parts_done: usize = agent::field(resume, "parts_done").unwrap().parse().unwrap();
+    let parts_total: usize = agent::field(resume, "parts").unwrap().parse().unwrap();
+    let resent = part_numbers(&run2);
+    st.note(format!(
+        "resumed with parts_done={parts_done} of {parts_total}; second run wrote parts {resent:?}"
+    ));
+    assert_eq!(agent::field(resume, "key").as_deref(), Some(key.as_str()));
+    assert_eq!(parts_total, PARTS);
+    assert!(parts_done > 0, "resume must keep finished parts");
+    assert_eq!(parts_done, parts_before.len(), "parts_done = parts logged before the kill");
+    assert!(resent.len() < PARTS, "all parts were sent again: {resent:?}");
+    assert_eq!(
+        resent,
+        ((parts_done as u64 + 1)..=PARTS as u64).collect::<Vec<_>>(),
+        "the second run sends exactly the missing parts"
+    );
+
+    let objects = st.bucket.list("").await.unwrap();
+    let media: Vec<_> = objects.iter().filter(|(k, _)| k.starts_with("media/")).collect();
+    assert_eq!(media.len(), 1, "exactly one media object: {objects:?}");
+    assert_eq!(media[0].0, key, "the object is under the key the upload began with");
+    let (size, sha) = st.bucket.sha256(&key).await.unwrap();
+    assert_eq!((size, sha.as_str()), (LEN, reply.sha256.as_str()), "object content");
+    assert_eq!(
+        open_uploads(&st.s3),
+        Vec::<String>::new(),
+        "the interrupted upload was completed, not abandoned for a new one"
+    );
+    check_index_line(&line, &key, LEN, &reply.sha256, name, &[("site", "plant-2")]);
+    st.assert_media_dir_empty().await;
+    assert_eq!(st.sidecar_lines().await.len(), 1, "exactly one index line");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_midway_stores_nothing() {
+    let mut st = MediaStack::start("media-disconnect", "8MiB", None, None).await;
+    let incoming = st.agent.data_dir.join("media/incoming");
+    let mut sock = put_partial(
+        st.http_port,
+        Some(TOKEN),
+        &format!("/v1/media/{STREAM}/partial.mp4"),
+        50 * MIB,
+        10 * MIB,
+        3,
+    )
+    .await;
+    // The agent is streaming it to disk: a partial file exists.
+    wait_until(deadline(30), "a partial file under media/incoming", || {
+        std::fs::read_dir(&incoming).is_ok_and(|mut d| d.next().is_some())
+    })
+    .await
+    .unwrap();
+    // Without the rest of the body there is no reply, let alone a 2xx.
+    let mut peek = [0u8; 64];
+    match sock.try_read(&mut peek) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the agent answered an incomplete upload: {other:?} {:?}", &peek[..]),
+    }
+    drop(sock);
+    st.note("sent 10 MiB of a declared 50 MiB, then dropped the connection");
+
+    wait_until(deadline(30), "media/ to hold no file", || {
+        media_files(&st.agent.data_dir).is_empty()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:?}", media_files(&st.agent.data_dir)));
+    st.note("partial file removed");
+
+    // Barrier: a later upload that lands proves the pipeline has moved past
+    // anything the broken one could have committed.
+    let reply = st.put("after.mp4", "", 64 * 1024, 4).await;
+    assert_eq!(reply.status, Some(201), "the agent still serves: {reply:?}");
+    let line = st.sidecar_line("after.mp4", 60).await;
+    let key = st.only_object("after.mp4").await;
+    check_index_line(&line, &key, 64 * 1024, &reply.sha256, "after.mp4", &[]);
+    let objects = st.bucket.list("").await.unwrap();
+    assert!(
+        !objects.iter().any(|(k, _)| k.contains("partial")),
+        "the broken upload reached S3: {objects:?}"
+    );
+    let lines = st.sidecar_lines().await;
+    assert_eq!(lines.len(), 1, "only the later upload is indexed: {lines:?}");
+    st.assert_media_dir_empty().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_max_media_is_413_and_stores_nothing() {
+    let mut st = MediaStack::start("media-413", "8MiB", Some("1MiB"), None).await;
+    let target = format!("/v1/media/{STREAM}/big.mp4");
+    // Declared too large: refused from the head, before any body is sent.
+    let mut sock = put_partial(st.http_port, Some(TOKEN), &target, 2 * MIB, 0, 5).await;
+    let declared = read_reply(&mut sock, Duration::from_secs(30)).await;
+    drop(sock);
+    st.note(format!("declared 2 MiB: {declared:?}"));
+    assert_eq!(declared.0, Some(413), "declared 2 MiB over max_media 1MiB: {declared:?}");
+    assert!(declared.1.contains("max_media"), "the reply says why: {}", declared.1);
+
+    // No declared length: refused once more than 1 MiB has streamed in. The
+    // agent may answer and close while the client is still writing, so the
+    // client may see a reset instead of the 413; never a 2xx.
+    let chunked = put_chunked(
+        st.http_port,
+        Some(TOKEN),
+        &target,
+        2 * MIB,
+        6,
+        Duration::from_secs(30),
+    )
+    .await;
+    st.note(format!(
+        "chunked 2 MiB: status {:?}, write error {:?}, read error {:?}",
+        chunked.status, chunked.write_error, chunked.read_error
+    ));
+    assert!(
+        chunked.status == Some(413) || chunked.status.is_none(),
+        "chunked 2 MiB over max_media: {chunked:?}"
+    );
+    wait_until(deadline(30), "media/ to hold no file", || {
+        media_files(&st.agent.data_dir).is_empty()
+    })
+    .await
+    .unwrap();
+
+    let ok = st.put("small.mp4", "", 512 * 1024, 7).await;
+    assert_eq!(ok.status, Some(201), "under max_media: {ok:?}");
+    st.sidecar_line("small.mp4", 60).await;
+    let objects = st.bucket.list("").await.unwrap();
+    let media: Vec<_> = objects.iter().filter(|(k, _)| k.starts_with("media/")).collect();
+    assert_eq!(media.len(), 1, "only the small upload is stored: {objects:?}");
+    assert!(media[0].0.ends_with("-small.mp4"));
+    assert_eq!(st.sidecar_lines().await.len(), 1);
+    st.assert_media_dir_empty().await;
+}
+
+// ---------------------------------------------------------------- helpers
+
+/// boto3 against s3s-fs: `list_multipart_uploads` (s3s-fs 0.14 does not
+/// implement it; its answer is reported, not relied on) and `list_parts` of
+/// the upload found on disk. Prints `{"list_multipart_uploads", "parts": [[n, size]...]}`.
+const LIST_PARTS: &str = r#"
+endpoint, key_id, secret, bucket, key, upload_id = sys.argv[1:7]
+c = s3(endpoint, key_id, secret)
+try:
+    ups = c.list_multipart_uploads(Bucket=bucket).get('Uploads', [])
+    listed = [[u['Key'], u['UploadId']] for u in ups]
+except Exception as e:
+    listed = 'error: %s' % type(e).__name__
+parts = c.list_parts(Bucket=bucket, Key=key, UploadId=upload_id).get('Parts', [])
+parts = sorted([p['PartNumber'], p['Size']] for p in parts)
+print(json.dumps({'list_multipart_uploads': listed, 'parts': parts}))
+"#;
+
+/// s3s-fs, a raw sink `media` (through a throttling proxy when `throttle`
+/// is set) and an NDJSON sink `lake` that takes the index lines, fed by the
+/// HTTP source `cam`.
+struct MediaStack {
+    agent: Agent,
+    proxy: Option<ThrottleProxy>,
+    s3: S3Server,
+    bucket: Bucket,
+    lake: S3Lake,
+    http_port: u16,
+    t0: Instant,
+    _scratch: Scratch,
+}
+
+impl MediaStack {
+    async fn start(
+        name: &str,
+        part_size: &str,
+        max_media: Option<&str>,
+        throttle: Option<u64>,
+    ) -> MediaStack {
+        let t0 = Instant::now();
+        let scratch = Scratch::new(name);
+        let s3 = S3Server::start(scratch.path(), "media-lake");
+        let proxy = match throttle {
+            Some(rate) => Some(ThrottleProxy::start(s3.port, rate).await),
+            None => None,
+        };
+        let endpoint = proxy
+            .as_ref()
+            .map(|p| p.endpoint())
+            .unwrap_or_else(|| s3.endpoint());
+        let http_port = free_port();
+        // `lake` must have an input; `cam` only sends it events on POST
+        // /v1/ingest, which these tests do not use.
+        let cfg = config::agent(AGENT)
+            + &media_source("cam", http_port, Some(TOKEN), max_media)
+            + &raw_sink("media", &["cam"], &endpoint, &s3.bucket, part_size, &["lake"])
+            + &config::s3_sink("lake", &["cam"], &s3, "none", &config::batch(1000, "8MiB", "1s"));
+        let agent = Agent::start(&scratch.join("agent"), &cfg);
+        let mut st = MediaStack {
+            agent,
+            proxy,
+            bucket: Bucket::new(&s3),
+            lake: S3Lake::new(&s3),
+            s3,
+            http_port,
+            t0,
+            _scratch: scratch,
+        };
+        st.wait_up().await;
+        st.note(format!("agent up: http :{}, s3 :{}", http_port, st.s3.port));
+        st
+    }
+
+    async fn wait_up(&mut self) {
+        self.agent
+            .wait_ready(&[("http listening", 1), ("silt running", 1)], 60)
+            .await;
+    }
+
+    fn note(&self, msg: impl AsRef<str>) {
+        note(self.t0, msg)
+    }
+
+    async fn put(&self, name: &str, query: &str, len: u64, seed: u64) -> PutReply {
+        put_stream(
+            self.http_port,
+            Some(TOKEN),
+            &format!("/v1/media/{STREAM}/{name}{query}"),
+            len,
+            seed,
+            Duration::from_secs(300),
+        )
+        .await
+    }
+
+    /// Index lines in the lake (topic `media/<stream>`), as JSON payloads.
+    async fn sidecar_lines(&mut self) -> Vec<Value> {
+        let snap = self.lake.snapshot().await.unwrap();
+        assert!(snap.problems.is_empty(), "lake problems: {:?}", snap.problems);
+        snap.records
+            .into_iter()
+            .filter(|r| r.topic.as_deref() == Some(&format!("media/{STREAM}")))
+            .map(|r: LakeRecord| match r.body {
+                Body::Json(v) => v,
+                Body::Binary(b) => panic!("index line with a binary payload: {b:?}"),
+            })
+            .collect()
+    }
+
+    /// Waits for the index line of upload `name`.
+    async fn sidecar_line(&mut self, name: &str, secs: u64) -> Value {
+        let end = deadline(secs);
+        loop {
+            let lines = self.sidecar_lines().await;
+            if let Some(l) = lines.iter().find(|l| l["attributes"]["name"] == json!(name)) {
+                self.note(format!("index line for {name} in the lake"));
+                return l.clone();
+            }
+            if let Some(st) = self.agent.try_exit() {
+                panic!("silt exited ({st}) while waiting for the index line of {name}");
+            }
+            assert!(
+                Instant::now() < end,
+                "no index line for {name} within {secs} s; lines: {lines:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// The one object whose key ends with `-<name>` (the default raw key).
+    async fn only_object(&self, name: &str) -> String {
+        let objects = self.bucket.list("media/").await.unwrap();
+        let hits: Vec<_> = objects
+            .iter()
+            .filter(|(k, _)| k.ends_with(&format!("-{name}")))
+            .collect();
+        assert_eq!(hits.len(), 1, "one object for {name}: {objects:?}");
+        let key = hits[0].0.clone();
+        let prefix = format!("media/{STREAM}/");
+        assert!(
+            key.starts_with(&prefix) && key.contains(&format!("/{AGENT}-")),
+            "default raw key {{sink}}/{{attr.stream}}/yyyy/MM/dd/{{agent}}-{{batch}}-{{attr.name}}: {key}"
+        );
+        key
+    }
+
+    /// Nothing under `<data_dir>/media` but the empty `incoming` directory.
+    async fn assert_media_dir_empty(&self) {
+        let data = &self.agent.data_dir;
+        wait_until(deadline(30), "media/ to hold no file", || {
+            media_files(data).is_empty()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {:?}", media_files(data)));
+        let entries: Vec<_> = std::fs::read_dir(data.join("media"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .collect();
+        assert_eq!(entries, ["incoming"], "media/ entries");
+    }
+}
+
+/// The index line for one media object.
+fn check_index_line(
+    line: &Value,
+    key: &str,
+    size: u64,
+    sha256: &str,
+    name: &str,
+    query: &[(&str, &str)],
+) {
+    assert_eq!(line["sink"], json!("media"), "{line}");
+    assert_eq!(line["key"], json!(key), "{line}");
+    assert_eq!(line["size"], json!(size), "{line}");
+    assert_eq!(line["sha256"], json!(sha256), "{line}");
+    assert_eq!(line["content_type"], json!("video/mp4"), "{line}");
+    assert_eq!(line["stream"], json!(STREAM), "{line}");
+    assert!(line["ts"].as_str().is_some_and(|t| t.ends_with('Z')), "{line}");
+    let mut want = serde_json::Map::new();
+    for (k, v) in query {
+        want.insert(k.to_string(), json!(v));
+    }
+    want.insert("stream".into(), json!(STREAM));
+    want.insert("name".into(), json!(name));
+    want.insert("content_type".into(), json!("video/mp4"));
+    assert_eq!(line["attributes"], Value::Object(want), "attributes of {line}");
+}
+
+/// `part=N` of every `multipart part written` line in `log`, in order.
+fn part_numbers(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains("multipart part written"))
+        .filter_map(|l| agent::field(l, "part")?.parse().ok())
+        .collect()
+}

@@ -244,7 +244,7 @@ pub async fn put_partial(
 
 /// Reads an HTTP/1.1 reply on a `Connection: close` request: status and
 /// body (everything after the head, up to EOF or Content-Length).
-async fn read_reply(s: &mut TcpStream, within: Duration) -> (Option<u16>, String, Option<String>) {
+pub async fn read_reply(s: &mut TcpStream, within: Duration) -> (Option<u16>, String, Option<String>) {
     let mut raw = Vec::new();
     let mut buf = vec![0u8; 16 * 1024];
     let end = tokio::time::Instant::now() + within;
