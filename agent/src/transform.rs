@@ -198,6 +198,11 @@ impl Ingest {
         self.spool.refuses_appends()
     }
 
+    /// Whether `need` more bytes on disk would dip under `spool.min_free`.
+    pub fn disk_short(&self, need: u64) -> bool {
+        self.spool.disk_short(need)
+    }
+
     /// Where media uploads are streamed to.
     pub fn media_dir(&self) -> &MediaDir {
         &self.media

@@ -107,6 +107,7 @@ struct SinkShared {
 
 struct Shared {
     sinks: Vec<SinkShared>,
+    limits: state::Limits,
     max_bytes: u64,
     when_full: crate::config::WhenFull,
     bytes: Mutex<u64>,
@@ -176,6 +177,7 @@ impl Spool {
         }
         let shared = Arc::new(Shared {
             sinks: shared_sinks,
+            limits: limits.clone(),
             max_bytes: config.max_bytes.as_u64(),
             when_full: config.when_full,
             bytes: Mutex::new(state.bytes),
@@ -324,6 +326,12 @@ impl Spool {
     pub fn refuses_appends(&self) -> bool {
         self.shared.when_full == crate::config::WhenFull::Block
             && self.bytes() >= self.shared.max_bytes
+    }
+
+    /// Whether storing `need` more bytes under the data directory (a media
+    /// file beside the spool) would dip under `spool.min_free`.
+    pub fn disk_short(&self, need: u64) -> bool {
+        self.shared.limits.disk_short(need)
     }
 
     /// Total encoded bytes held, across sinks.

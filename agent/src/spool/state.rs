@@ -135,7 +135,7 @@ pub(super) struct Limits {
 
 impl Limits {
     /// Whether writing `need` more bytes would dip under the free-disk floor.
-    fn disk_short(&self, need: u64) -> bool {
+    pub fn disk_short(&self, need: u64) -> bool {
         self.min_free > 0
             && fs2::available_space(&self.dir)
                 .is_ok_and(|free| free < self.min_free.saturating_add(need))

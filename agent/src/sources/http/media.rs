@@ -49,7 +49,8 @@ impl Handler {
                 max: self.max_media,
             });
         }
-        if self.ingest.refuses_appends() {
+        // The file lands beside the spool: keep the same free-disk floor.
+        if self.ingest.refuses_appends() || self.ingest.disk_short(declared.unwrap_or(0)) {
             return self.not_committed(&crate::spool::SpoolError::Full.into());
         }
         let content_type = req
