@@ -113,7 +113,11 @@ fn payload(i: usize) -> Value {
         v["plant"] = json!(plants[i % 3]);
     }
     // Integers and floats in one field widen to float.
-    v["value"] = if i % 2 == 0 { json!(i) } else { json!(i as f64 + 0.5) };
+    v["value"] = if i % 2 == 0 {
+        json!(i)
+    } else {
+        json!(i as f64 + 0.5)
+    };
     // Numbers and strings in one field, in every batch: kept as text.
     v["reading"] = if i % 2 == 0 {
         json!(format!("r{i}"))
@@ -315,7 +319,10 @@ async fn ndjson_gzip_lake_partitioned_by_field_reads_back_in_python() {
     assert_eq!(got["wrong"], json!([]));
     assert_eq!(got["ids"], json!((0..n).collect::<Vec<_>>()));
     let per_plant = got["per_plant"].as_object().unwrap();
-    assert_eq!(per_plant["__missing__"], json!((0..n).filter(|i| i % 7 == 0).count()));
+    assert_eq!(
+        per_plant["__missing__"],
+        json!((0..n).filter(|i| i % 7 == 0).count())
+    );
     assert_eq!(per_plant.len(), 4);
     assert_eq!(got["encodings"], json!(["gzip"]));
     assert_eq!(got["types"], json!(["application/x-ndjson"]));
@@ -408,7 +415,8 @@ async fn storage_class_and_metadata_on_every_put_and_multipart_upload() {
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_all()));
     let heads = heads.as_object().unwrap();
-    let (events, media): (Vec<_>, Vec<_>) = heads.iter().partition(|(k, _)| k.starts_with("events/"));
+    let (events, media): (Vec<_>, Vec<_>) =
+        heads.iter().partition(|(k, _)| k.starts_with("events/"));
     assert_eq!(media.len(), 1, "{heads:?}");
     for (key, h) in &events {
         assert_eq!(h["head"], "STANDARD_IA", "{key}: {h}");
@@ -422,4 +430,55 @@ async fn storage_class_and_metadata_on_every_put_and_multipart_upload() {
     assert_eq!(h["size"], json!(video.len()));
     assert_eq!(h["meta"]["site"], "plant-1");
     assert_eq!(h["meta"]["sha256"].as_str().unwrap().len(), 64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_binary_payloads_become_raw_objects_keyed_by_topic_fields() {
+    let scratch = Scratch::new("lake-raw");
+    let broker = Mosquitto::start(&scratch.join("mosquitto"));
+    let s3 = S3Server::start(scratch.path(), "frames");
+    let cfg = config::agent("gw-raw")
+        + &config::mqtt_source("cams", &broker.url(), &["cam/#"])
+            .replace("qos = 1\n", "qos = 1\ntopic_fields = [\"\", \"camera\"]\n")
+        + &sink(
+            "frames",
+            "\"cams\"",
+            &s3.endpoint(),
+            &s3.bucket,
+            "format = \"raw\"\nkey = \"frames/{attr.camera}/{agent}-{batch}.jpg\"",
+        );
+    let mut agent = Agent::start(&scratch.join("agent"), &cfg);
+    agent
+        .wait_ready(&[("mqtt subscribed", 1), ("silt running", 1)], 60)
+        .await;
+    let frames: Vec<Msg> = (0..6u8)
+        .map(|i| Msg {
+            id: format!("f-{i}"),
+            topic: format!("cam/{}", ["door", "yard"][i as usize % 2]),
+            payload: [0xff, 0xd8, i].repeat(1000),
+        })
+        .collect();
+    let (_p, h) = spawn_publisher(broker.port, "raw-pub", frames.clone(), PubOpts::default());
+    assert_eq!(h.await.unwrap().acked.len(), frames.len());
+    wait_until(deadline(60), "6 raw objects", || {
+        agent.uploaded_records() == 6
+    })
+    .await
+    .unwrap();
+    let lake = S3Lake::new(&s3);
+    let mut keys = lake.keys().await.unwrap();
+    keys.sort();
+    assert_eq!(keys.len(), 6, "{keys:?}");
+    let mut bodies = Vec::new();
+    for key in &keys {
+        let camera = key.split('/').nth(1).unwrap();
+        let body = lake.get(key).await.unwrap();
+        let i = body[2] as usize;
+        assert_eq!(camera, ["door", "yard"][i % 2], "{key}");
+        bodies.push(body);
+    }
+    bodies.sort();
+    let mut sent: Vec<Vec<u8>> = frames.into_iter().map(|f| f.payload).collect();
+    sent.sort();
+    assert_eq!(bodies, sent, "raw objects are the payloads, byte for byte");
 }

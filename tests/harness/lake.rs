@@ -191,6 +191,20 @@ impl S3Lake {
         Ok(snap)
     }
 
+    /// One object's bytes.
+    pub async fn get(&self, key: &str) -> Result<Vec<u8>, String> {
+        let path = object_store::path::Path::from(key);
+        let data = self
+            .store
+            .get(&path)
+            .await
+            .map_err(|e| format!("S3 get {key}: {e}"))?
+            .bytes()
+            .await
+            .map_err(|e| format!("S3 read {key}: {e}"))?;
+        Ok(data.to_vec())
+    }
+
     /// Object keys currently in the bucket.
     pub async fn keys(&self) -> Result<Vec<String>, String> {
         let metas: Vec<_> = self

@@ -117,7 +117,8 @@ pub(super) fn validate(config: &Config, origins: &Origins) -> Result<(), ConfigE
         if sink.inputs.is_empty() && !indexes_media {
             return fail(
                 format!("sinks.{name}.inputs"),
-                "a sink needs at least one input (or to be another sink's `sidecar_sinks` target)".into(),
+                "a sink needs at least one input (or to be another sink's `sidecar_sinks` target)"
+                    .into(),
             );
         }
         for input in &sink.inputs {

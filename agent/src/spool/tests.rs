@@ -362,3 +362,44 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn partitions_seal_separately_and_the_cap_closes_the_oldest() {
+    let dir = tempfile::tempdir().unwrap();
+    let by_topic = SinkSpec {
+        name: "lake".into(),
+        partition_of: std::sync::Arc::new(|e: &Event| e.topic.clone()),
+    };
+    let cfg = config(1 << 30, WhenFull::Block);
+    let spool = Spool::open_partitioned(dir.path(), &[by_topic], &cfg).unwrap();
+    let at = |ts: i64, topic: &str| Event::new(ts, topic, b"x".to_vec());
+    let rule = |max_partitions: usize| SealRule {
+        max_records: 100,
+        max_bytes: u64::MAX,
+        max_age_ms: i64::MAX,
+        max_partitions,
+        force: false,
+    };
+    rt().block_on(async {
+        let events = vec![at(3, "b"), at(1, "a"), at(2, "c"), at(4, "a")];
+        spool.append(&[0], events).await.unwrap();
+        let stats = spool.stats(0);
+        assert_eq!((stats.partitions, stats.fullest_records), (3, 2));
+        // Nothing is full or old, and 3 partitions fit under a cap of 3.
+        let key = |_: &Event, seq: u64| format!("k{seq}");
+        assert!(spool.seal(0, rule(3), key).await.unwrap().is_none());
+        // Over a cap of 2: the partition with the oldest event goes first.
+        let (meta, events) = spool.seal(0, rule(2), key).await.unwrap().unwrap();
+        assert_eq!(events, vec![at(1, "a"), at(4, "a")]);
+        assert_eq!(meta.records, 2);
+        assert!(spool.seal(0, rule(2), key).await.unwrap().is_none());
+        assert_eq!(spool.stats(0).partitions, 2);
+        // A full partition is sealed without waiting for age.
+        let full = SealRule {
+            max_records: 1,
+            ..rule(10)
+        };
+        let (_, events) = spool.seal(0, full, key).await.unwrap().unwrap();
+        assert_eq!(events.len(), 1);
+    });
+}
