@@ -127,6 +127,35 @@ impl MediaDir {
         Ok(names)
     }
 
+    /// Deletes `sink`'s files that no spool record refers to: left by a
+    /// crash between completing a batch and deleting its file, or whose
+    /// reference `drop_oldest` removed. A file is linked a moment before
+    /// its reference is committed, so only files older than `settle` go.
+    pub fn sweep(
+        &self,
+        sink: &str,
+        referenced: &std::collections::HashSet<String>,
+        settle: std::time::Duration,
+    ) -> io::Result<usize> {
+        let prefix = format!("{sink}-");
+        let mut removed = 0;
+        for entry in std::fs::read_dir(&self.root)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().to_string();
+            let settled = entry
+                .metadata()?
+                .modified()?
+                .elapsed()
+                .is_ok_and(|age| age >= settle);
+            if name.starts_with(&prefix) && !referenced.contains(&name) && settled {
+                tracing::warn!(file = %name, sink, "removing a media file no spool record refers to");
+                std::fs::remove_file(entry.path())?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Deletes a file whose object is written (or whose reference was not
     /// committed); a missing file is fine.
     pub fn remove(&self, file: &str) {
@@ -216,6 +245,11 @@ mod tests {
         media.remove(&names[0]);
         assert!(!media.path(&names[0]).exists());
         assert!(media.path(&names[1]).exists());
+        let settle = std::time::Duration::ZERO;
+        let referenced = [names[1].clone()].into_iter().collect();
+        assert_eq!(media.sweep("b", &referenced, settle).unwrap(), 0);
+        assert_eq!(media.sweep("b", &Default::default(), settle).unwrap(), 1);
+        assert!(!media.path(&names[1]).exists());
     }
 
     #[tokio::test]

@@ -36,7 +36,24 @@ fn forget(tree: String, key: Vec<u8>) -> Mark {
     }
 }
 
+/// How old an unreferenced media file must be before a sweep removes it.
+const SWEEP_SETTLE: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl MediaSink {
+    /// Removes this sink's media files no spool record refers to.
+    pub fn sweep(&self, spool: &Spool, sink: SinkId, name: &str) -> Result<(), SpoolError> {
+        let mut referenced = std::collections::HashSet::new();
+        spool.for_each_event(sink, |event| {
+            if let Some(Ok(media)) = MediaRef::of(event) {
+                referenced.insert(media.file);
+            }
+        })?;
+        if let Err(e) = self.dir.sweep(name, &referenced, SWEEP_SETTLE) {
+            tracing::warn!(sink = name, error = %e, "sweeping unreferenced media files failed");
+        }
+        Ok(())
+    }
+
     pub async fn upload(
         &self,
         spool: &Spool,

@@ -44,6 +44,9 @@ pub struct Batcher {
     progress: std::sync::Mutex<progress::BacklogProgress>,
 }
 
+/// How often a raw sink looks for media files nothing refers to any more.
+const MEDIA_SWEEP_EVERY: Duration = Duration::from_secs(15 * 60);
+
 enum Step {
     Continue,
     Done,
@@ -100,7 +103,16 @@ impl Batcher {
     /// Runs until `drain` is cancelled and everything spooled for this sink
     /// is uploaded, or until `stop` is cancelled (leaving the rest spooled).
     pub async fn run(self, drain: CancellationToken, stop: CancellationToken) {
+        let mut last_sweep: Option<std::time::Instant> = None;
         loop {
+            if self.encoding.format == Format::Raw
+                && last_sweep.is_none_or(|t| t.elapsed() >= MEDIA_SWEEP_EVERY)
+            {
+                last_sweep = Some(std::time::Instant::now());
+                if let Err(e) = self.media.sweep(&self.spool, self.sink, &self.name) {
+                    tracing::warn!(sink = %self.name, error = %e, "reading the spool for a media sweep failed");
+                }
+            }
             match self.step(&drain, &stop).await {
                 Ok(Step::Continue) => {}
                 Ok(Step::Done) => return,

@@ -312,6 +312,21 @@ impl Spool {
         state::load_batch(&s.records, &s.name, batch, &self.shared.quarantine)
     }
 
+    /// Calls `f` with every event held for `sink`, sealed or not; records
+    /// that no longer decode are skipped (the batcher quarantines them).
+    pub fn for_each_event(
+        &self,
+        sink: SinkId,
+        mut f: impl FnMut(&Event),
+    ) -> Result<(), SpoolError> {
+        for item in self.shared.sinks[sink].records.iter() {
+            if let Ok(event) = decode(&item?.1) {
+                f(&event);
+            }
+        }
+        Ok(())
+    }
+
     pub fn stats(&self, sink: SinkId) -> SinkStats {
         *self.shared.sinks[sink].stats.lock().expect("lock")
     }
