@@ -109,17 +109,17 @@ fn payload(i: usize) -> Value {
     let plants = ["berlin", "lyon", "oslo"];
     let mut v = json!({ "id": i, "seq": i * 10 });
     // Every 7th reading lacks its plant: it lands under __missing__.
-    if i % 7 != 0 {
+    if !i.is_multiple_of(7) {
         v["plant"] = json!(plants[i % 3]);
     }
     // Integers and floats in one field widen to float.
-    v["value"] = if i % 2 == 0 {
+    v["value"] = if i.is_multiple_of(2) {
         json!(i)
     } else {
         json!(i as f64 + 0.5)
     };
     // Numbers and strings in one field, in every batch: kept as text.
-    v["reading"] = if i % 2 == 0 {
+    v["reading"] = if i.is_multiple_of(2) {
         json!(format!("r{i}"))
     } else {
         json!(i)
