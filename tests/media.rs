@@ -68,8 +68,9 @@ async fn large_upload_bounded_memory_byte_identical() {
     assert_eq!(ack["stream"], json!(STREAM));
     assert_eq!(ack["name"], json!(name));
 
+    let key = st.wait_object(name, 300).await;
     // The index line is written only after the object is confirmed.
-    let line = st.sidecar_line(name, 300).await;
+    let line = st.sidecar_line(name, 60).await;
     let peak = proc_status_bytes(pid, "VmHWM").expect("VmHWM");
     let parts = st.agent.count_log("multipart part written");
     st.note(format!(
@@ -87,19 +88,32 @@ async fn large_upload_bounded_memory_byte_identical() {
         mib(peak)
     );
 
-    let key = st.only_object(name).await;
+    assert_eq!(st.only_object(name).await, key);
     let t = Instant::now();
     let (size, sha) = st.bucket.sha256(&key).await.unwrap();
-    st.note(format!("read back {key}: {size} bytes in {:.2?}", t.elapsed()));
+    st.note(format!(
+        "read back {key}: {size} bytes in {:.2?}",
+        t.elapsed()
+    ));
     assert_eq!(size, LEN, "object size");
-    assert_eq!(sha, reply.sha256, "object sha256 differs from what was sent");
+    assert_eq!(
+        sha, reply.sha256,
+        "object sha256 differs from what was sent"
+    );
     assert_eq!(
         st.bucket.metadata(&key, "sha256").await.unwrap().as_deref(),
         Some(reply.sha256.as_str()),
         "x-amz-meta-sha256"
     );
 
-    check_index_line(&line, &key, LEN, &reply.sha256, name, &[("site", "plant-1")]);
+    check_index_line(
+        &line,
+        &key,
+        LEN,
+        &reply.sha256,
+        name,
+        &[("site", "plant-1")],
+    );
     st.assert_media_dir_empty().await;
     assert_eq!(st.sidecar_lines().await.len(), 1, "one index line");
 }
@@ -139,7 +153,10 @@ async fn sigkill_mid_multipart_upload_resumes() {
         parts_before.len() >= 3 && parts_before.len() < PARTS,
         "the kill must land mid-upload; parts logged: {parts_before:?}"
     );
-    assert_eq!(parts_before, (1..=parts_before.len() as u64).collect::<Vec<_>>());
+    assert_eq!(
+        parts_before,
+        (1..=parts_before.len() as u64).collect::<Vec<_>>()
+    );
     assert!(
         st.bucket.list("media/").await.unwrap().is_empty(),
         "no object may exist before the upload is completed"
@@ -182,11 +199,13 @@ async fn sigkill_mid_multipart_upload_resumes() {
         // Every logged part is on the server (logged after the store's OK
         // and the checkpoint); one more may have finished unlogged.
         assert!(
-            numbers.starts_with(&parts_before)
-                && numbers.len() <= parts_before.len() + 1,
+            numbers.starts_with(&parts_before) && numbers.len() <= parts_before.len() + 1,
             "server parts {numbers:?} vs logged {parts_before:?}"
         );
-        assert!(parts.iter().all(|p| p.1 == 8 * MIB), "part sizes: {parts:?}");
+        assert!(
+            parts.iter().all(|p| p.1 == 8 * MIB),
+            "part sizes: {parts:?}"
+        );
     }
 
     st.proxy.as_ref().unwrap().set_rate(0);
@@ -208,8 +227,22 @@ async fn sigkill_mid_multipart_upload_resumes() {
     assert_eq!(agent::field(resume, "key").as_deref(), Some(key.as_str()));
     assert_eq!(parts_total, PARTS);
     assert!(parts_done > 0, "resume must keep finished parts");
-    assert_eq!(parts_done, parts_before.len(), "parts_done = parts logged before the kill");
-    assert!(resent.len() < PARTS, "all parts were sent again: {resent:?}");
+    // The part in flight at the kill may have been checkpointed, not logged.
+    assert!(
+        (parts_before.len()..=parts_before.len() + 1).contains(&parts_done),
+        "parts_done {parts_done} vs {} logged before the kill",
+        parts_before.len()
+    );
+    if let Some(parts) = &server_parts {
+        assert!(
+            parts_done <= parts.len(),
+            "checkpointed parts the server did not have"
+        );
+    }
+    assert!(
+        resent.len() < PARTS,
+        "all parts were sent again: {resent:?}"
+    );
     assert_eq!(
         resent,
         ((parts_done as u64 + 1)..=PARTS as u64).collect::<Vec<_>>(),
@@ -217,17 +250,34 @@ async fn sigkill_mid_multipart_upload_resumes() {
     );
 
     let objects = st.bucket.list("").await.unwrap();
-    let media: Vec<_> = objects.iter().filter(|(k, _)| k.starts_with("media/")).collect();
+    let media: Vec<_> = objects
+        .iter()
+        .filter(|(k, _)| k.starts_with("media/"))
+        .collect();
     assert_eq!(media.len(), 1, "exactly one media object: {objects:?}");
-    assert_eq!(media[0].0, key, "the object is under the key the upload began with");
+    assert_eq!(
+        media[0].0, key,
+        "the object is under the key the upload began with"
+    );
     let (size, sha) = st.bucket.sha256(&key).await.unwrap();
-    assert_eq!((size, sha.as_str()), (LEN, reply.sha256.as_str()), "object content");
+    assert_eq!(
+        (size, sha.as_str()),
+        (LEN, reply.sha256.as_str()),
+        "object content"
+    );
     assert_eq!(
         open_uploads(&st.s3),
         Vec::<String>::new(),
         "the interrupted upload was completed, not abandoned for a new one"
     );
-    check_index_line(&line, &key, LEN, &reply.sha256, name, &[("site", "plant-2")]);
+    check_index_line(
+        &line,
+        &key,
+        LEN,
+        &reply.sha256,
+        name,
+        &[("site", "plant-2")],
+    );
     st.assert_media_dir_empty().await;
     assert_eq!(st.sidecar_lines().await.len(), 1, "exactly one index line");
 }
@@ -236,7 +286,7 @@ async fn sigkill_mid_multipart_upload_resumes() {
 async fn disconnect_midway_stores_nothing() {
     let mut st = MediaStack::start("media-disconnect", "8MiB", None, None).await;
     let incoming = st.agent.data_dir.join("media/incoming");
-    let mut sock = put_partial(
+    let sock = put_partial(
         st.http_port,
         Some(TOKEN),
         &format!("/v1/media/{STREAM}/partial.mp4"),
@@ -255,7 +305,10 @@ async fn disconnect_midway_stores_nothing() {
     let mut peek = [0u8; 64];
     match sock.try_read(&mut peek) {
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-        other => panic!("the agent answered an incomplete upload: {other:?} {:?}", &peek[..]),
+        other => panic!(
+            "the agent answered an incomplete upload: {other:?} {:?}",
+            &peek[..]
+        ),
     }
     drop(sock);
     st.note("sent 10 MiB of a declared 50 MiB, then dropped the connection");
@@ -280,7 +333,11 @@ async fn disconnect_midway_stores_nothing() {
         "the broken upload reached S3: {objects:?}"
     );
     let lines = st.sidecar_lines().await;
-    assert_eq!(lines.len(), 1, "only the later upload is indexed: {lines:?}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "only the later upload is indexed: {lines:?}"
+    );
     st.assert_media_dir_empty().await;
 }
 
@@ -293,8 +350,16 @@ async fn over_max_media_is_413_and_stores_nothing() {
     let declared = read_reply(&mut sock, Duration::from_secs(30)).await;
     drop(sock);
     st.note(format!("declared 2 MiB: {declared:?}"));
-    assert_eq!(declared.0, Some(413), "declared 2 MiB over max_media 1MiB: {declared:?}");
-    assert!(declared.1.contains("max_media"), "the reply says why: {}", declared.1);
+    assert_eq!(
+        declared.0,
+        Some(413),
+        "declared 2 MiB over max_media 1MiB: {declared:?}"
+    );
+    assert!(
+        declared.1.contains("max_media"),
+        "the reply says why: {}",
+        declared.1
+    );
 
     // No declared length: refused once more than 1 MiB has streamed in. The
     // agent may answer and close while the client is still writing, so the
@@ -326,8 +391,15 @@ async fn over_max_media_is_413_and_stores_nothing() {
     assert_eq!(ok.status, Some(201), "under max_media: {ok:?}");
     st.sidecar_line("small.mp4", 60).await;
     let objects = st.bucket.list("").await.unwrap();
-    let media: Vec<_> = objects.iter().filter(|(k, _)| k.starts_with("media/")).collect();
-    assert_eq!(media.len(), 1, "only the small upload is stored: {objects:?}");
+    let media: Vec<_> = objects
+        .iter()
+        .filter(|(k, _)| k.starts_with("media/"))
+        .collect();
+    assert_eq!(
+        media.len(),
+        1,
+        "only the small upload is stored: {objects:?}"
+    );
     assert!(media[0].0.ends_with("-small.mp4"));
     assert_eq!(st.sidecar_lines().await.len(), 1);
     st.assert_media_dir_empty().await;
@@ -345,7 +417,7 @@ try:
     ups = c.list_multipart_uploads(Bucket=bucket).get('Uploads', [])
     listed = [[u['Key'], u['UploadId']] for u in ups]
 except Exception as e:
-    listed = 'error: %s' % type(e).__name__
+    listed = 'error: %s' % getattr(e, 'response', {}).get('Error', {}).get('Code', type(e).__name__)
 parts = c.list_parts(Bucket=bucket, Key=key, UploadId=upload_id).get('Parts', [])
 parts = sorted([p['PartNumber'], p['Size']] for p in parts)
 print(json.dumps({'list_multipart_uploads': listed, 'parts': parts}))
@@ -359,7 +431,6 @@ struct MediaStack {
     proxy: Option<ThrottleProxy>,
     s3: S3Server,
     bucket: Bucket,
-    lake: S3Lake,
     http_port: u16,
     t0: Instant,
     _scratch: Scratch,
@@ -388,14 +459,26 @@ impl MediaStack {
         // /v1/ingest, which these tests do not use.
         let cfg = config::agent(AGENT)
             + &media_source("cam", http_port, Some(TOKEN), max_media)
-            + &raw_sink("media", &["cam"], &endpoint, &s3.bucket, part_size, &["lake"])
-            + &config::s3_sink("lake", &["cam"], &s3, "none", &config::batch(1000, "8MiB", "1s"));
+            + &raw_sink(
+                "media",
+                &["cam"],
+                &endpoint,
+                &s3.bucket,
+                part_size,
+                &["lake"],
+            )
+            + &config::s3_sink(
+                "lake",
+                &["cam"],
+                &s3,
+                "none",
+                &config::batch(1000, "8MiB", "1s"),
+            );
         let agent = Agent::start(&scratch.join("agent"), &cfg);
         let mut st = MediaStack {
             agent,
             proxy,
             bucket: Bucket::new(&s3),
-            lake: S3Lake::new(&s3),
             s3,
             http_port,
             t0,
@@ -430,9 +513,10 @@ impl MediaStack {
 
     /// Index lines in the lake (topic `media/<stream>`), as JSON payloads.
     async fn sidecar_lines(&mut self) -> Vec<Value> {
-        let snap = self.lake.snapshot().await.unwrap();
-        assert!(snap.problems.is_empty(), "lake problems: {:?}", snap.problems);
-        snap.records
+        // Only the lake's prefix: the media objects are not NDJSON.
+        let (records, problems) = self.bucket.ndjson("lake/").await.unwrap();
+        assert!(problems.is_empty(), "lake problems: {problems:?}");
+        records
             .into_iter()
             .filter(|r| r.topic.as_deref() == Some(&format!("media/{STREAM}")))
             .map(|r: LakeRecord| match r.body {
@@ -447,7 +531,10 @@ impl MediaStack {
         let end = deadline(secs);
         loop {
             let lines = self.sidecar_lines().await;
-            if let Some(l) = lines.iter().find(|l| l["attributes"]["name"] == json!(name)) {
+            if let Some(l) = lines
+                .iter()
+                .find(|l| l["attributes"]["name"] == json!(name))
+            {
                 self.note(format!("index line for {name} in the lake"));
                 return l.clone();
             }
@@ -458,6 +545,20 @@ impl MediaStack {
                 Instant::now() < end,
                 "no index line for {name} within {secs} s; lines: {lines:?}"
             );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Waits until an object for upload `name` is listed; its key.
+    async fn wait_object(&self, name: &str, secs: u64) -> String {
+        let (end, suffix) = (deadline(secs), format!("-{name}"));
+        loop {
+            let found = self.bucket.list("media/").await.unwrap_or_default();
+            if let Some((key, _)) = found.into_iter().find(|(k, _)| k.ends_with(&suffix)) {
+                self.note(format!("object {key} listed"));
+                return key;
+            }
+            assert!(Instant::now() < end, "no object for {name} within {secs} s");
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
@@ -511,7 +612,10 @@ fn check_index_line(
     assert_eq!(line["sha256"], json!(sha256), "{line}");
     assert_eq!(line["content_type"], json!("video/mp4"), "{line}");
     assert_eq!(line["stream"], json!(STREAM), "{line}");
-    assert!(line["ts"].as_str().is_some_and(|t| t.ends_with('Z')), "{line}");
+    assert!(
+        line["ts"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{line}"
+    );
     let mut want = serde_json::Map::new();
     for (k, v) in query {
         want.insert(k.to_string(), json!(v));
@@ -519,7 +623,11 @@ fn check_index_line(
     want.insert("stream".into(), json!(STREAM));
     want.insert("name".into(), json!(name));
     want.insert("content_type".into(), json!("video/mp4"));
-    assert_eq!(line["attributes"], Value::Object(want), "attributes of {line}");
+    assert_eq!(
+        line["attributes"],
+        Value::Object(want),
+        "attributes of {line}"
+    );
 }
 
 /// `part=N` of every `multipart part written` line in `log`, in order.

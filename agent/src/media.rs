@@ -5,6 +5,7 @@
 //! the object holding it is confirmed written.
 
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -142,11 +143,10 @@ impl MediaDir {
         for entry in std::fs::read_dir(&self.root)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().to_string();
-            let settled = entry
-                .metadata()?
-                .modified()?
-                .elapsed()
-                .is_ok_and(|age| age >= settle);
+            // ctime, not mtime: linking the file changes the first only.
+            let changed = std::time::UNIX_EPOCH
+                + std::time::Duration::from_secs(entry.metadata()?.ctime().max(0) as u64);
+            let settled = changed.elapsed().is_ok_and(|age| age >= settle);
             if name.starts_with(&prefix) && !referenced.contains(&name) && settled {
                 tracing::warn!(file = %name, sink, "removing a media file no spool record refers to");
                 std::fs::remove_file(entry.path())?;

@@ -139,7 +139,11 @@ pub async fn put_stream(
         .expect("connect to the agent");
     s.set_nodelay(true).unwrap();
     let head = request_head(port, token, target, &format!("Content-Length: {len}"));
-    let mut write_error = s.write_all(head.as_bytes()).await.err().map(|e| e.to_string());
+    let mut write_error = s
+        .write_all(head.as_bytes())
+        .await
+        .err()
+        .map(|e| e.to_string());
     let (mut pattern, mut hasher) = (Pattern::new(seed), sha2::Sha256::new());
     let mut buf = vec![0u8; CHUNK];
     let mut sent = 0u64;
@@ -179,7 +183,11 @@ pub async fn put_chunked(
         .expect("connect to the agent");
     s.set_nodelay(true).unwrap();
     let head = request_head(port, token, target, "Transfer-Encoding: chunked");
-    let mut write_error = s.write_all(head.as_bytes()).await.err().map(|e| e.to_string());
+    let mut write_error = s
+        .write_all(head.as_bytes())
+        .await
+        .err()
+        .map(|e| e.to_string());
     let (mut pattern, mut hasher) = (Pattern::new(seed), sha2::Sha256::new());
     let mut buf = vec![0u8; CHUNK];
     let mut sent = 0u64;
@@ -244,7 +252,10 @@ pub async fn put_partial(
 
 /// Reads an HTTP/1.1 reply on a `Connection: close` request: status and
 /// body (everything after the head, up to EOF or Content-Length).
-pub async fn read_reply(s: &mut TcpStream, within: Duration) -> (Option<u16>, String, Option<String>) {
+pub async fn read_reply(
+    s: &mut TcpStream,
+    within: Duration,
+) -> (Option<u16>, String, Option<String>) {
     let mut raw = Vec::new();
     let mut buf = vec![0u8; 16 * 1024];
     let end = tokio::time::Instant::now() + within;
@@ -403,6 +414,27 @@ impl Bucket {
             hasher.update(&chunk);
         }
         Ok((size, hex(&hasher.finalize())))
+    }
+
+    /// The NDJSON records of every object under `prefix` (small objects
+    /// only: each is read whole), and the problems met parsing them.
+    pub async fn ndjson(
+        &self,
+        prefix: &str,
+    ) -> Result<(Vec<super::lake::LakeRecord>, Vec<(String, String)>), String> {
+        let (mut records, mut problems) = (Vec::new(), Vec::new());
+        for (key, _) in self.list(prefix).await? {
+            let data = self
+                .store
+                .get(&ObjectPath::from(key.as_str()))
+                .await
+                .map_err(|e| format!("S3 get {key}: {e}"))?
+                .bytes()
+                .await
+                .map_err(|e| format!("S3 read {key}: {e}"))?;
+            records.extend(super::lake::parse_object(&key, &data, &mut problems));
+        }
+        Ok((records, problems))
     }
 
     /// The user metadata entry `name` (`x-amz-meta-NAME`) of an object.

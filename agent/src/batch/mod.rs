@@ -264,6 +264,19 @@ impl Batcher {
                     );
                     key = moved;
                 }
+                Err(SinkError::Media { path, source })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    // Retrying cannot bring the file back; holding the batch
+                    // would block every later object of this sink.
+                    tracing::error!(
+                        sink = %self.name, key = %key, path = %path.display(),
+                        "media file is gone (deleted outside silt?); its object cannot be written, removing it from the spool"
+                    );
+                    self.metrics.uploading(&self.name, None);
+                    self.spool.complete(self.sink, meta).await?;
+                    return Ok(true);
+                }
                 Err(e) => {
                     let delay = backoff(attempt, self.retry_max);
                     let held = self.spool.stats(self.sink);

@@ -138,7 +138,10 @@ impl Handler {
     fn media_error(&self, e: &ReceiveError) -> Reply {
         let status = match e {
             ReceiveError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ReceiveError::Body { .. } => StatusCode::BAD_REQUEST,
+            ReceiveError::Body { .. } => {
+                tracing::info!(source = %self.name, error = %e, "media upload broke off; nothing stored");
+                StatusCode::BAD_REQUEST
+            }
             ReceiveError::Disk { .. } => {
                 tracing::error!(source = %self.name, error = %e, "media upload not stored");
                 StatusCode::SERVICE_UNAVAILABLE
