@@ -17,7 +17,6 @@
 mod harness;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use harness::http::HttpClient;
@@ -26,22 +25,6 @@ use harness::procs::{S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY};
 use harness::python::{self, BOTO3_PRELUDE, MotoServer};
 use harness::*;
 use serde_json::{Value, json};
-
-fn wasm(name: &str) -> Option<PathBuf> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../plugins/target/wasm")
-        .join(format!("{name}.wasm"));
-    if path.exists() {
-        return Some(path);
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{} is missing: CI must run plugins/build.sh before cargo test",
-        path.display()
-    );
-    eprintln!("SKIPPED: {} missing; run plugins/build.sh", path.display());
-    None
-}
 
 /// An s3 sink on `endpoint` with the given extra lines (format, key, ...).
 fn sink(name: &str, inputs: &str, endpoint: &str, bucket: &str, extra: &str) -> String {
@@ -130,7 +113,7 @@ fn payload(i: usize) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parquet_lake_partitioned_by_plugin_attribute_reads_back_in_pyarrow() {
-    let (Some(py), Some(route)) = (python::python(), wasm("route")) else {
+    let (Some(py), Some(route)) = (python::python(), plugin_wasm("route")) else {
         return;
     };
     let t0 = Instant::now();

@@ -35,22 +35,6 @@ const MAX_MEMORY: &str = "16MiB";
 /// 2-core box. The test deadlines are 60 s and more.
 const STOP_BOUND: Duration = Duration::from_secs(3);
 
-fn wasm(name: &str) -> Option<PathBuf> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../plugins/target/wasm")
-        .join(format!("{name}.wasm"));
-    if path.exists() {
-        return Some(path);
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{} is missing: CI must run plugins/build.sh before cargo test",
-        path.display()
-    );
-    eprintln!("SKIPPED: {} missing; run plugins/build.sh", path.display());
-    None
-}
-
 /// `[agent]` + `[spool]` with the dead-letter directory set.
 fn agent_section(id: &str, dead_letter: &Path) -> String {
     config::agent(id).replacen(
@@ -227,7 +211,8 @@ fn lake_by_key(snap: &harness::lake::Snapshot) -> (BTreeMap<(String, String), Va
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_clean_then_dedup_mqtt_to_s3() {
-    let (Some(clean_wasm), Some(dedup_wasm)) = (wasm("json-clean"), wasm("dedup")) else {
+    let (Some(clean_wasm), Some(dedup_wasm)) = (plugin_wasm("json-clean"), plugin_wasm("dedup"))
+    else {
         return;
     };
     let t0 = Instant::now();
@@ -471,7 +456,7 @@ fn assert_accepted(reply: &harness::http::Reply, n: u64, what: &str) {
 /// `poison`) -> S3. Good batch, poisoned batch, good batch, poisoned batch
 /// again (the fresh instance must fail the same way), good batch.
 async fn misbehaving_over_http(bad: BadPlugin) {
-    let Some(bad_wasm) = wasm(bad.plugin) else {
+    let Some(bad_wasm) = plugin_wasm(bad.plugin) else {
         return;
     };
     let t0 = Instant::now();
@@ -666,7 +651,7 @@ async fn error_result_is_dead_lettered_over_http() {
 /// poisoned messages are dead-lettered (not redelivered forever).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endless_loop_is_stopped_at_timeout_over_mqtt() {
-    let Some(loop_wasm) = wasm("test-loop") else {
+    let Some(loop_wasm) = plugin_wasm("test-loop") else {
         return;
     };
     let t0 = Instant::now();

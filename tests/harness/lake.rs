@@ -128,6 +128,26 @@ type CachedObject = (u64, Vec<LakeRecord>, Vec<(String, String)>);
 
 /// Reads a bucket through the S3 API. Objects are immutable, so ones already
 /// downloaded are cached and polling only fetches new keys.
+/// An object_store client for the test server's bucket.
+pub fn s3_client(s3: &S3Server, timeout: Duration) -> AmazonS3 {
+    AmazonS3Builder::new()
+        // Client options first: with_client_options replaces allow_http.
+        .with_client_options(ClientOptions::new().with_timeout(timeout))
+        .with_endpoint(s3.endpoint())
+        .with_allow_http(true)
+        .with_virtual_hosted_style_request(false)
+        .with_region(S3_REGION)
+        .with_access_key_id(S3_ACCESS_KEY)
+        .with_secret_access_key(S3_SECRET_KEY)
+        .with_bucket_name(&s3.bucket)
+        .with_retry(RetryConfig {
+            max_retries: 2,
+            ..Default::default()
+        })
+        .build()
+        .expect("build S3 client")
+}
+
 pub struct S3Lake {
     store: AmazonS3,
     cache: HashMap<String, CachedObject>,
@@ -135,22 +155,7 @@ pub struct S3Lake {
 
 impl S3Lake {
     pub fn new(s3: &S3Server) -> S3Lake {
-        let store = AmazonS3Builder::new()
-            // Client options first: with_client_options replaces allow_http.
-            .with_client_options(ClientOptions::new().with_timeout(Duration::from_secs(30)))
-            .with_endpoint(s3.endpoint())
-            .with_allow_http(true)
-            .with_virtual_hosted_style_request(false)
-            .with_region(S3_REGION)
-            .with_access_key_id(S3_ACCESS_KEY)
-            .with_secret_access_key(S3_SECRET_KEY)
-            .with_bucket_name(&s3.bucket)
-            .with_retry(RetryConfig {
-                max_retries: 2,
-                ..Default::default()
-            })
-            .build()
-            .expect("build S3 client");
+        let store = s3_client(s3, Duration::from_secs(30));
         S3Lake {
             store,
             cache: HashMap::new(),

@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
-use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::aws::AmazonS3;
 use object_store::path::Path as ObjectPath;
-use object_store::{Attribute, ClientOptions, GetOptions, ObjectStore, ObjectStoreExt};
+use object_store::{Attribute, GetOptions, ObjectStore, ObjectStoreExt};
 use sha2::Digest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -368,17 +368,7 @@ pub struct Bucket {
 
 impl Bucket {
     pub fn new(s3: &S3Server) -> Bucket {
-        let store = AmazonS3Builder::new()
-            .with_client_options(ClientOptions::new().with_timeout(Duration::from_secs(120)))
-            .with_endpoint(s3.endpoint())
-            .with_allow_http(true)
-            .with_virtual_hosted_style_request(false)
-            .with_region(S3_REGION)
-            .with_access_key_id(S3_ACCESS_KEY)
-            .with_secret_access_key(S3_SECRET_KEY)
-            .with_bucket_name(&s3.bucket)
-            .build()
-            .expect("build S3 client");
+        let store = super::lake::s3_client(s3, Duration::from_secs(120));
         Bucket { store }
     }
 

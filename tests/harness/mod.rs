@@ -33,6 +33,24 @@ pub use lake::{FileLake, S3Lake};
 #[allow(unused_imports)]
 pub use procs::{Mosquitto, S3Server};
 
+/// An example plugin built by `plugins/build.sh`, or `None` (the test skips
+/// with a message) when it is missing, except under CI (`CI` set).
+pub fn plugin_wasm(name: &str) -> Option<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../plugins/target/wasm")
+        .join(format!("{name}.wasm"));
+    if path.exists() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{} is missing: CI must run plugins/build.sh before cargo test",
+        path.display()
+    );
+    eprintln!("SKIPPED: {} missing; run plugins/build.sh", path.display());
+    None
+}
+
 /// A loopback port that was free a moment ago (bind to :0, read, release).
 pub fn free_port() -> u16 {
     let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
