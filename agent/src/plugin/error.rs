@@ -1,6 +1,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::codec::CodecError;
+
 /// Why a plugin could not be loaded or run. Every message names the plugin
 /// and the call that failed, and says what the operator can do.
 #[derive(Debug, thiserror::Error)]
@@ -10,7 +12,7 @@ pub enum PluginError {
 
     #[error(
         "plugin `{plugin}`: cannot load {}: {message}; check the path and that it is a \
-         wasm32-wasip2 component built against wit/silt-plugin-0.1.0 (see plugins/build.sh)",
+         wasm32-wasip2 component built against wit/silt-plugin-0.2.0 (see plugins/build.sh)",
         path.display()
     )]
     Load {
@@ -70,6 +72,23 @@ pub enum PluginError {
         call: &'static str,
         message: String,
     },
+
+    #[error(
+        "plugin `{plugin}`: {call} returned a malformed batch: {source}; the plugin (or the \
+         SDK it was built with) has a bug; rebuild it against the current silt-sdk"
+    )]
+    BadOutput {
+        plugin: String,
+        call: &'static str,
+        source: CodecError,
+    },
+
+    #[error("plugin `{plugin}`: cannot pass the batch to {call}: {source}; send smaller events")]
+    BadInput {
+        plugin: String,
+        call: &'static str,
+        source: CodecError,
+    },
 }
 
 impl PluginError {
@@ -96,6 +115,8 @@ impl PluginError {
             PluginError::MemoryLimit { .. } => "memory_limit",
             PluginError::FuelExhausted { .. } => "fuel_exhausted",
             PluginError::Failed { .. } => "failed",
+            PluginError::BadOutput { .. } => "bad_output",
+            PluginError::BadInput { .. } => "bad_input",
         }
     }
 }
