@@ -33,7 +33,10 @@ pub(crate) fn encode(events: &[Event]) -> Result<Vec<u8>, Error> {
 
 /// Decode a whole buffer; anything but exactly one well-formed batch is an error.
 pub(crate) fn decode(buf: &[u8]) -> Result<Vec<Event>, Error> {
-    let mut r = Reader { rest: buf, len: buf.len() };
+    let mut r = Reader {
+        rest: buf,
+        len: buf.len(),
+    };
     let count = r.u32("event count")? as usize;
     let mut events = Vec::with_capacity(count.min(r.rest.len() / MIN_EVENT_LEN));
     for _ in 0..count {
@@ -153,7 +156,12 @@ mod tests {
     fn trailing_bytes_are_an_error() {
         let mut buf = encode(&sample()).unwrap();
         buf.push(0);
-        assert!(decode(&buf).unwrap_err().message().contains("after its last event"));
+        assert!(
+            decode(&buf)
+                .unwrap_err()
+                .message()
+                .contains("after its last event")
+        );
     }
 
     #[test]
