@@ -16,108 +16,137 @@ pub(crate) fn encode(events: &[Event]) -> Result<Vec<u8>, Error> {
             len += 8 + k.len() + v.len();
         }
     }
+    // Every count and length is at most the whole buffer's length, so this
+    // one check makes the `as u32` casts below lossless.
+    if u32::try_from(len).is_err() {
+        return Err(Error::new(format!(
+            "the output batch encodes to {len} bytes, more than the 4 GiB a batch can hold"
+        )));
+    }
     let mut buf = Vec::with_capacity(len);
-    put_len(&mut buf, events.len(), "event count")?;
+    buf.extend_from_slice(&(events.len() as u32).to_le_bytes());
     for e in events {
-        put_bytes(&mut buf, e.topic.as_bytes(), "topic")?;
+        put_bytes(&mut buf, e.topic.as_bytes());
         buf.extend_from_slice(&e.ts_ms.to_le_bytes());
-        put_len(&mut buf, e.attributes.len(), "attribute count")?;
+        buf.extend_from_slice(&(e.attributes.len() as u32).to_le_bytes());
         for (k, v) in &e.attributes {
-            put_bytes(&mut buf, k.as_bytes(), "attribute name")?;
-            put_bytes(&mut buf, v.as_bytes(), "attribute value")?;
+            put_bytes(&mut buf, k.as_bytes());
+            put_bytes(&mut buf, v.as_bytes());
         }
-        put_bytes(&mut buf, &e.payload, "payload")?;
+        put_bytes(&mut buf, &e.payload);
     }
     Ok(buf)
+}
+
+#[inline(always)]
+fn put_bytes(buf: &mut Vec<u8>, bytes: &[u8]) {
+    buf.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    buf.extend_from_slice(bytes);
 }
 
 /// Decode a whole buffer; anything but exactly one well-formed batch is an error.
 pub(crate) fn decode(buf: &[u8]) -> Result<Vec<Event>, Error> {
     let mut r = Reader {
-        rest: buf,
-        len: buf.len(),
+        buf,
+        pos: 0,
+        failure: Failure::Truncated(""),
     };
-    let count = r.u32("event count")? as usize;
-    let mut events = Vec::with_capacity(count.min(r.rest.len() / MIN_EVENT_LEN));
-    for _ in 0..count {
-        let topic = r.string("topic")?;
-        let ts_ms = i64::from_le_bytes(r.array("timestamp")?);
-        let n_attrs = r.u32("attribute count")? as usize;
-        let mut attributes = Vec::with_capacity(n_attrs.min(r.rest.len() / 8));
-        for _ in 0..n_attrs {
-            let k = r.string("attribute name")?;
-            let v = r.string("attribute value")?;
-            attributes.push((k, v));
-        }
-        let payload = r.bytes("payload")?.to_vec();
-        events.push(Event {
-            topic,
-            ts_ms,
-            attributes,
-            payload,
-        });
-    }
-    if !r.rest.is_empty() {
-        return Err(Error::new(format!(
+    let at = |r: &Reader| format!("at offset {} of {}", r.pos, buf.len());
+    match r.batch() {
+        Some(events) if r.pos == buf.len() => Ok(events),
+        Some(_) => Err(Error::new(format!(
             "batch buffer has {} bytes after its last event",
-            r.rest.len()
-        )));
+            buf.len() - r.pos
+        ))),
+        None => Err(Error::new(match r.failure {
+            Failure::Truncated(what) => format!("batch buffer ends inside a {what} {}", at(&r)),
+            Failure::NotUtf8(what) => format!("batch buffer's {what} {} is not UTF-8", at(&r)),
+        })),
     }
-    Ok(events)
 }
 
-fn put_len(buf: &mut Vec<u8>, n: usize, what: &str) -> Result<(), Error> {
-    let n = u32::try_from(n)
-        .map_err(|_| Error::new(format!("{what} {n} does not fit the batch buffer's u32")))?;
-    buf.extend_from_slice(&n.to_le_bytes());
-    Ok(())
-}
-
-fn put_bytes(buf: &mut Vec<u8>, bytes: &[u8], what: &str) -> Result<(), Error> {
-    put_len(buf, bytes.len(), what)?;
-    buf.extend_from_slice(bytes);
-    Ok(())
+/// Why decoding stopped. The hot path only passes `Option`s around (cheap
+/// in wasm, where a `Result` carrying a message goes through memory); the
+/// reader notes the reason for the error message on the way out.
+enum Failure {
+    Truncated(&'static str),
+    NotUtf8(&'static str),
 }
 
 struct Reader<'a> {
-    rest: &'a [u8],
-    /// Whole buffer length, for error messages.
-    len: usize,
+    buf: &'a [u8],
+    pos: usize,
+    failure: Failure,
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], Error> {
-        let Some((head, rest)) = self.rest.split_at_checked(n) else {
-            return Err(Error::new(format!(
-                "batch buffer ends inside a {what} (needs {n} bytes at offset {} of {})",
-                self.len - self.rest.len(),
-                self.len
-            )));
-        };
-        self.rest = rest;
-        Ok(head)
+    fn batch(&mut self) -> Option<Vec<Event>> {
+        let count = self.u32("event count")? as usize;
+        let room = (self.buf.len() - self.pos) / MIN_EVENT_LEN;
+        let mut events = Vec::with_capacity(count.min(room));
+        for _ in 0..count {
+            let topic = self.string("topic")?;
+            let ts_ms = i64::from_le_bytes(self.array("timestamp")?);
+            let n_attrs = self.u32("attribute count")? as usize;
+            let mut attributes = Vec::with_capacity(n_attrs.min((self.buf.len() - self.pos) / 8));
+            for _ in 0..n_attrs {
+                let k = self.string("attribute name")?;
+                let v = self.string("attribute value")?;
+                attributes.push((k, v));
+            }
+            let payload = self.bytes("payload")?.to_vec();
+            events.push(Event {
+                topic,
+                ts_ms,
+                attributes,
+                payload,
+            });
+        }
+        Some(events)
     }
 
-    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], Error> {
-        let bytes = self.take(N, what)?;
-        Ok(bytes.try_into().expect("take returns exactly N bytes"))
+    #[inline(always)]
+    fn take(&mut self, n: usize, what: &'static str) -> Option<&'a [u8]> {
+        match self.buf[self.pos..].get(..n) {
+            Some(bytes) => {
+                self.pos += n;
+                Some(bytes)
+            }
+            None => {
+                self.failure = Failure::Truncated(what);
+                None
+            }
+        }
     }
 
-    fn u32(&mut self, what: &str) -> Result<u32, Error> {
-        Ok(u32::from_le_bytes(self.array(what)?))
+    #[inline(always)]
+    fn array<const N: usize>(&mut self, what: &'static str) -> Option<[u8; N]> {
+        self.take(N, what)?.try_into().ok()
     }
 
-    fn bytes(&mut self, what: &str) -> Result<&'a [u8], Error> {
+    #[inline(always)]
+    fn u32(&mut self, what: &'static str) -> Option<u32> {
+        self.array(what).map(u32::from_le_bytes)
+    }
+
+    #[inline(always)]
+    fn bytes(&mut self, what: &'static str) -> Option<&'a [u8]> {
         let n = self.u32(what)? as usize;
         self.take(n, what)
     }
 
-    fn string(&mut self, what: &str) -> Result<String, Error> {
-        let at = self.len - self.rest.len();
+    #[inline(always)]
+    fn string(&mut self, what: &'static str) -> Option<String> {
+        let start = self.pos;
         let bytes = self.bytes(what)?;
-        std::str::from_utf8(bytes)
-            .map(str::to_owned)
-            .map_err(|e| Error::new(format!("{what} at offset {at} is not UTF-8: {e}")))
+        match std::str::from_utf8(bytes) {
+            Ok(s) => Some(s.to_owned()),
+            Err(_) => {
+                self.pos = start;
+                self.failure = Failure::NotUtf8(what);
+                None
+            }
+        }
     }
 }
 
