@@ -1,11 +1,22 @@
 //! The packed batch buffer of `wit/silt-plugin-0.2.0` (layout in its
 //! `plugin.wit`): the host's half of the codec, `sdk/src/codec.rs` has the
-//! guest's. Decoded payloads are slices of the guest's output buffer, so
-//! lifting a batch out of a plugin copies each payload byte once.
+//! guest's.
+//!
+//! Decoding avoids new allocations per event where it can: a payload the
+//! plugin passed through unchanged reuses the input event's `Bytes` (and its
+//! topic `String`), any other payload is a slice of the guest's output
+//! buffer. Pass-through is the common case (filters, routers, dedup), and
+//! it lets the whole output buffer be freed right after decoding instead of
+//! being pinned by the batch's events.
 
 use bytes::Bytes;
 
 use crate::event::Event;
+
+/// How many input events past the last reused one to compare against: enough
+/// to step over events a filter dropped, few enough that a plugin rewriting
+/// every payload pays only a handful of length checks per event.
+const LOOKAHEAD: usize = 4;
 
 /// Smallest encoded event: empty topic, ts, no attributes, empty payload.
 /// Bounds the up-front reservation so a bogus count cannot allocate much.
@@ -60,25 +71,41 @@ pub fn encode_into(events: &[Event], buf: &mut Vec<u8>) -> Result<(), CodecError
 }
 
 /// Decode a whole buffer; anything but exactly one well-formed batch is an
-/// error. Payloads share `buf`'s allocation.
-pub fn decode(buf: Bytes) -> Result<Vec<Event>, CodecError> {
+/// error. `input` is the batch the plugin was given (empty for `tick`); its
+/// payloads and topics are reused where the output repeats them.
+pub fn decode(buf: Bytes, mut input: Vec<Event>) -> Result<Vec<Event>, CodecError> {
     let mut r = Reader {
         rest: &buf,
         len: buf.len(),
     };
     let count = r.u32("event count")? as usize;
     let mut events = Vec::with_capacity(count.min(r.rest.len() / MIN_EVENT_LEN));
+    // Input events before `next` have been reused or skipped over.
+    let mut next = 0;
     for _ in 0..count {
-        let topic = r.string("topic")?;
+        let topic = r.str("topic")?;
         let ts_ms = i64::from_le_bytes(r.array("timestamp")?);
         let n_attrs = r.u32("attribute count")? as usize;
         let mut attributes = Vec::with_capacity(n_attrs.min(r.rest.len() / 8));
         for _ in 0..n_attrs {
-            let k = r.string("attribute name")?;
-            let v = r.string("attribute value")?;
+            let k = r.str("attribute name")?.to_owned();
+            let v = r.str("attribute value")?.to_owned();
             attributes.push((k, v));
         }
-        let payload = buf.slice_ref(r.bytes("payload")?);
+        let payload = r.bytes("payload")?;
+        let (topic, payload) = match unchanged(&input[next..], payload) {
+            Some(i) => {
+                let reused = &mut input[next + i];
+                next += i + 1;
+                let topic = if reused.topic == topic {
+                    std::mem::take(&mut reused.topic)
+                } else {
+                    topic.to_owned()
+                };
+                (topic, std::mem::take(&mut reused.payload))
+            }
+            None => (topic.to_owned(), buf.slice_ref(payload)),
+        };
         events.push(Event {
             ts_ms,
             topic,
@@ -92,6 +119,14 @@ pub fn decode(buf: Bytes) -> Result<Vec<Event>, CodecError> {
         });
     }
     Ok(events)
+}
+
+/// Position among the next few `input` events of one whose payload equals `payload`.
+fn unchanged(input: &[Event], payload: &[u8]) -> Option<usize> {
+    input
+        .iter()
+        .take(LOOKAHEAD)
+        .position(|e| e.payload.len() == payload.len() && e.payload[..] == *payload)
 }
 
 fn put_len(buf: &mut Vec<u8>, len: usize, what: &'static str) -> Result<(), CodecError> {
@@ -140,12 +175,10 @@ impl<'a> Reader<'a> {
         self.take(n, what)
     }
 
-    fn string(&mut self, what: &'static str) -> Result<String, CodecError> {
+    fn str(&mut self, what: &'static str) -> Result<&'a str, CodecError> {
         let at = self.len - self.rest.len();
         let bytes = self.bytes(what)?;
-        std::str::from_utf8(bytes)
-            .map(str::to_owned)
-            .map_err(|_| CodecError::NotUtf8 { what, at })
+        std::str::from_utf8(bytes).map_err(|_| CodecError::NotUtf8 { what, at })
     }
 }
 
@@ -177,16 +210,48 @@ mod tests {
     #[test]
     fn round_trip() {
         let events = sample();
-        assert_eq!(decode(encode(&events)).unwrap(), events);
-        assert_eq!(decode(encode(&[])).unwrap(), Vec::new());
+        assert_eq!(decode(encode(&events), Vec::new()).unwrap(), events);
+        assert_eq!(decode(encode(&[]), Vec::new()).unwrap(), Vec::new());
     }
 
     #[test]
-    fn payloads_share_the_buffer() {
+    fn new_payloads_share_the_output_buffer() {
         let buf = encode(&sample());
         let range = buf.as_ptr_range();
-        for e in decode(buf.clone()).unwrap() {
+        for e in decode(buf.clone(), Vec::new()).unwrap() {
             assert!(range.contains(&e.payload.as_ptr()) || e.payload.is_empty());
+        }
+    }
+
+    #[test]
+    fn unchanged_payloads_and_topics_reuse_the_input() {
+        let input: Vec<Event> = (0..10)
+            .map(|i| Event::new(i, format!("t/{i}"), format!("payload {i}").into_bytes()))
+            .collect();
+        let payload_ptrs: Vec<_> = input.iter().map(|e| e.payload.as_ptr()).collect();
+        let topic_ptrs: Vec<_> = input.iter().map(|e| e.topic.as_ptr()).collect();
+        // A filter that drops two events, rewrites one and renames one's topic.
+        let mut output: Vec<Event> = input
+            .iter()
+            .filter(|e| e.ts_ms != 2 && e.ts_ms != 3)
+            .cloned()
+            .collect();
+        output[4].payload = Bytes::from_static(b"rewritten");
+        output[5].topic = "renamed".into();
+        let buf = encode(&output);
+        let range = buf.as_ptr_range();
+
+        let decoded = decode(buf, input).unwrap();
+        assert_eq!(decoded, output);
+        for (e, src) in decoded.iter().zip([0, 1, 4, 5, 6, 7, 8, 9]) {
+            if e.ts_ms == 6 {
+                assert!(range.contains(&e.payload.as_ptr()));
+            } else {
+                assert_eq!(e.payload.as_ptr(), payload_ptrs[src], "event {}", e.ts_ms);
+            }
+            if e.ts_ms != 6 && e.ts_ms != 7 {
+                assert_eq!(e.topic.as_ptr(), topic_ptrs[src], "event {}", e.ts_ms);
+            }
         }
     }
 
@@ -196,14 +261,14 @@ mod tests {
         encode_into(&sample(), &mut buf).unwrap();
         let one = vec![Event::new(1, "t", &b"x"[..])];
         encode_into(&one, &mut buf).unwrap();
-        assert_eq!(decode(Bytes::from(buf)).unwrap(), one);
+        assert_eq!(decode(Bytes::from(buf), Vec::new()).unwrap(), one);
     }
 
     #[test]
     fn every_truncation_is_an_error() {
         let buf = encode(&sample());
         for cut in 0..buf.len() {
-            let err = decode(buf.slice(..cut)).unwrap_err();
+            let err = decode(buf.slice(..cut), sample()).unwrap_err();
             assert!(
                 matches!(err, CodecError::Truncated { .. }),
                 "cut {cut}: {err}"
@@ -216,7 +281,7 @@ mod tests {
         let mut buf = encode(&sample()).to_vec();
         buf.extend_from_slice(&[0, 0]);
         assert_eq!(
-            decode(Bytes::from(buf)).unwrap_err(),
+            decode(Bytes::from(buf), Vec::new()).unwrap_err(),
             CodecError::Trailing { extra: 2 }
         );
     }
@@ -226,7 +291,7 @@ mod tests {
         let mut buf = encode(&[Event::new(0, "ab", Bytes::new())]).to_vec();
         buf[8] = 0xff;
         assert_eq!(
-            decode(Bytes::from(buf)).unwrap_err(),
+            decode(Bytes::from(buf), Vec::new()).unwrap_err(),
             CodecError::NotUtf8 {
                 what: "topic",
                 at: 4
@@ -236,7 +301,7 @@ mod tests {
 
     #[test]
     fn huge_count_is_an_error_not_an_allocation() {
-        let err = decode(Bytes::copy_from_slice(&u32::MAX.to_le_bytes())).unwrap_err();
+        let err = decode(Bytes::copy_from_slice(&u32::MAX.to_le_bytes()), Vec::new()).unwrap_err();
         assert!(
             matches!(err, CodecError::Truncated { what: "topic", .. }),
             "{err}"
@@ -261,12 +326,12 @@ mod tests {
     proptest! {
         #[test]
         fn any_batch_round_trips(events in prop::collection::vec(event(), 0..8)) {
-            prop_assert_eq!(decode(encode(&events)).unwrap(), events);
+            prop_assert_eq!(decode(encode(&events), Vec::new()).unwrap(), events);
         }
 
         #[test]
         fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
-            let _ = decode(Bytes::from(bytes));
+            let _ = decode(Bytes::from(bytes), Vec::new());
         }
 
         #[test]
@@ -279,7 +344,7 @@ mod tests {
                 let i = i.index(buf.len());
                 buf[i] = b;
             }
-            let _ = decode(Bytes::from(buf));
+            let _ = decode(Bytes::from(buf), events);
         }
     }
 }

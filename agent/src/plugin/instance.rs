@@ -136,11 +136,7 @@ impl Plugin {
     /// Transform one batch.
     pub fn process(&mut self, events: Vec<Event>) -> Result<Vec<Event>, PluginError> {
         let mut input = std::mem::take(&mut self.input);
-        let encoded = codec::encode_into(&events, &mut input);
-        // The caller keeps its own copy for dead-lettering; ours can go
-        // before the guest's output arrives.
-        drop(events);
-        let out = match encoded {
+        let out = match codec::encode_into(&events, &mut input) {
             Ok(()) => self.call("process", |live| {
                 live.bindings.call_process(&mut live.store, &input)
             }),
@@ -151,7 +147,7 @@ impl Plugin {
             }),
         };
         self.input = input;
-        self.decode("process", out?)
+        self.decode("process", out?, events)
     }
 
     /// Let the plugin emit time-based output; `now_ms` is the wall clock in
@@ -159,11 +155,16 @@ impl Plugin {
     pub fn tick(&mut self, now_ms: i64) -> Result<Vec<Event>, PluginError> {
         let now = u64::try_from(now_ms).unwrap_or(0);
         let out = self.call("tick", |live| live.bindings.call_tick(&mut live.store, now))?;
-        self.decode("tick", out)
+        self.decode("tick", out, Vec::new())
     }
 
-    fn decode(&self, call: &'static str, out: Vec<u8>) -> Result<Vec<Event>, PluginError> {
-        codec::decode(Bytes::from(out)).map_err(|source| PluginError::BadOutput {
+    fn decode(
+        &self,
+        call: &'static str,
+        out: Vec<u8>,
+        input: Vec<Event>,
+    ) -> Result<Vec<Event>, PluginError> {
+        codec::decode(Bytes::from(out), input).map_err(|source| PluginError::BadOutput {
             plugin: self.name.to_string(),
             call,
             source,
