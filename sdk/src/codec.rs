@@ -1,6 +1,7 @@
 //! The packed batch buffer of `wit/silt-plugin-0.2.0` (layout in its
 //! `plugin.wit`): the guest's half of the codec, the agent has the other.
 
+use crate::pool::Pool;
 use crate::{Error, Event};
 
 /// Smallest encoded event: empty topic, ts, no attributes, empty payload.
@@ -44,15 +45,16 @@ fn put_bytes(buf: &mut Vec<u8>, bytes: &[u8]) {
     buf.extend_from_slice(bytes);
 }
 
-/// Decode a whole buffer; anything but exactly one well-formed batch is an error.
-pub(crate) fn decode(buf: &[u8]) -> Result<Vec<Event>, Error> {
+/// Decode a whole buffer; anything but exactly one well-formed batch is an
+/// error. Topic and payload buffers come from `pool` where it has some.
+pub(crate) fn decode(buf: &[u8], pool: &mut Pool) -> Result<Vec<Event>, Error> {
     let mut r = Reader {
         buf,
         pos: 0,
         failure: Failure::Truncated(""),
     };
     let at = |r: &Reader| format!("at offset {} of {}", r.pos, buf.len());
-    match r.batch() {
+    match r.batch(pool) {
         Some(events) if r.pos == buf.len() => Ok(events),
         Some(_) => Err(Error::new(format!(
             "batch buffer has {} bytes after its last event",
@@ -80,21 +82,22 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
-    fn batch(&mut self) -> Option<Vec<Event>> {
+    fn batch(&mut self, pool: &mut Pool) -> Option<Vec<Event>> {
         let count = self.u32("event count")? as usize;
         let room = (self.buf.len() - self.pos) / MIN_EVENT_LEN;
         let mut events = Vec::with_capacity(count.min(room));
         for _ in 0..count {
-            let topic = self.string("topic")?;
+            let topic = self.string("topic", pool.topic())?;
             let ts_ms = i64::from_le_bytes(self.array("timestamp")?);
             let n_attrs = self.u32("attribute count")? as usize;
             let mut attributes = Vec::with_capacity(n_attrs.min((self.buf.len() - self.pos) / 8));
             for _ in 0..n_attrs {
-                let k = self.string("attribute name")?;
-                let v = self.string("attribute value")?;
+                let k = self.string("attribute name", Vec::new())?;
+                let v = self.string("attribute value", Vec::new())?;
                 attributes.push((k, v));
             }
-            let payload = self.bytes("payload")?.to_vec();
+            let mut payload = pool.payload();
+            payload.extend_from_slice(self.bytes("payload")?);
             events.push(Event {
                 topic,
                 ts_ms,
@@ -136,11 +139,11 @@ impl<'a> Reader<'a> {
     }
 
     #[inline(always)]
-    fn string(&mut self, what: &'static str) -> Option<String> {
+    fn string(&mut self, what: &'static str, mut buf: Vec<u8>) -> Option<String> {
         let start = self.pos;
-        let bytes = self.bytes(what)?;
-        match std::str::from_utf8(bytes) {
-            Ok(s) => Some(s.to_owned()),
+        buf.extend_from_slice(self.bytes(what)?);
+        match String::from_utf8(buf) {
+            Ok(s) => Some(s),
             Err(_) => {
                 self.pos = start;
                 self.failure = Failure::NotUtf8(what);
@@ -168,15 +171,21 @@ mod tests {
     #[test]
     fn round_trip() {
         let events = sample();
-        assert_eq!(decode(&encode(&events).unwrap()).unwrap(), events);
-        assert_eq!(decode(&encode(&[]).unwrap()).unwrap(), Vec::new());
+        assert_eq!(
+            decode(&encode(&events).unwrap(), &mut Pool::new()).unwrap(),
+            events
+        );
+        assert_eq!(
+            decode(&encode(&[]).unwrap(), &mut Pool::new()).unwrap(),
+            Vec::new()
+        );
     }
 
     #[test]
     fn every_truncation_is_an_error() {
         let buf = encode(&sample()).unwrap();
         for cut in 0..buf.len() {
-            let err = decode(&buf[..cut]).unwrap_err();
+            let err = decode(&buf[..cut], &mut Pool::new()).unwrap_err();
             assert!(err.message().contains("ends inside"), "cut {cut}: {err}");
         }
     }
@@ -186,7 +195,7 @@ mod tests {
         let mut buf = encode(&sample()).unwrap();
         buf.push(0);
         assert!(
-            decode(&buf)
+            decode(&buf, &mut Pool::new())
                 .unwrap_err()
                 .message()
                 .contains("after its last event")
@@ -197,9 +206,14 @@ mod tests {
     fn bad_utf8_and_huge_counts_are_errors() {
         let mut buf = encode(&[Event::new("ab", 0, Vec::new())]).unwrap();
         buf[8] = 0xff;
-        assert!(decode(&buf).unwrap_err().message().contains("not UTF-8"));
+        assert!(
+            decode(&buf, &mut Pool::new())
+                .unwrap_err()
+                .message()
+                .contains("not UTF-8")
+        );
 
-        let err = decode(&u32::MAX.to_le_bytes()).unwrap_err();
+        let err = decode(&u32::MAX.to_le_bytes(), &mut Pool::new()).unwrap_err();
         assert!(err.message().contains("ends inside"), "{err}");
     }
 }

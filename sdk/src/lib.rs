@@ -37,6 +37,7 @@ mod error;
 mod event;
 pub mod json;
 pub mod log;
+mod pool;
 
 pub use config::Config;
 pub use error::Error;
@@ -110,7 +111,7 @@ pub mod __private {
     use std::any::Any;
     use std::cell::RefCell;
 
-    use crate::{Config, Event, Transform, codec};
+    use crate::{Config, Event, Transform, codec, pool};
 
     pub use wit_bindgen;
 
@@ -142,7 +143,7 @@ pub mod __private {
     }
 
     pub fn process<T: Transform>(batch: Vec<u8>) -> Result<Vec<u8>, String> {
-        let events = codec::decode(&batch).map_err(|e| e.to_string())?;
+        let events = pool::with(|pool| codec::decode(&batch, pool)).map_err(|e| e.to_string())?;
         // Free the input buffer before the plugin allocates its output, so
         // the two do not have to fit in linear memory at once.
         drop(batch);
@@ -162,9 +163,10 @@ pub mod __private {
                 .as_mut()
                 .and_then(|b| b.downcast_mut::<T>())
                 .ok_or_else(|| "plugin called before a successful init".to_string())?;
-            f(plugin)
-                .and_then(|out| codec::encode(&out))
-                .map_err(|e| e.to_string())
+            let out = f(plugin).map_err(|e| e.to_string())?;
+            let buf = codec::encode(&out).map_err(|e| e.to_string())?;
+            pool::with(|pool| pool.recycle(out));
+            Ok(buf)
         })
     }
 
