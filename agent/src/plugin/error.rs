@@ -22,6 +22,19 @@ pub enum PluginError {
     },
 
     #[error(
+        "plugin `{plugin}`: cannot load {}: it was built against silt:plugin@{found}, but this \
+         agent speaks silt:plugin@{expected}; rebuild it against the current silt-sdk with \
+         plugins/build.sh (its source needs no change)",
+        path.display()
+    )]
+    Contract {
+        plugin: String,
+        path: PathBuf,
+        found: String,
+        expected: &'static str,
+    },
+
+    #[error(
         "plugin `{plugin}`: init rejected its config: {message}; fix the plugin's config table"
     )]
     Init { plugin: String, message: String },
@@ -109,6 +122,7 @@ impl PluginError {
         match self {
             PluginError::Engine { .. } => "engine",
             PluginError::Load { .. } => "load",
+            PluginError::Contract { .. } => "contract",
             PluginError::Init { .. } => "init",
             PluginError::Trap { .. } => "trap",
             PluginError::Timeout { .. } => "timeout",

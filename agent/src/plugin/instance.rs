@@ -101,7 +101,7 @@ impl Plugin {
         };
         let fueled = limits.fuel.is_some();
         let component = engine.component(name, wasm, fueled)?;
-        check_contract(&component, engine.engine(fueled)).map_err(load_err)?;
+        check_contract(&component, engine.engine(fueled), name, wasm)?;
         let ticker = engine.clone();
         let engine = engine.engine(fueled).clone();
 
@@ -308,19 +308,25 @@ fn classify(
 /// Refuse components built against another version of the contract with a
 /// message that says what to do, instead of wasmtime's missing-import error.
 /// Plugins that import nothing from `silt:plugin` are left to the linker.
-fn check_contract(component: &Component, engine: &wasmtime::Engine) -> Result<(), String> {
+fn check_contract(
+    component: &Component,
+    engine: &wasmtime::Engine,
+    plugin: &str,
+    wasm: &Path,
+) -> Result<(), PluginError> {
     let ty = component.component_type();
-    let other = ty
+    let found = ty
         .imports(engine)
         .filter_map(|(name, _)| name.strip_prefix("silt:plugin/"))
         .filter_map(|rest| rest.split_once('@').map(|(_, version)| version))
         .find(|version| *version != CONTRACT_VERSION);
-    match other {
-        Some(version) => Err(format!(
-            "it was built against silt:plugin@{version}, but this agent speaks \
-             silt:plugin@{CONTRACT_VERSION}; \
-             rebuild it against the current silt-sdk (plugins/build.sh)"
-        )),
+    match found {
+        Some(found) => Err(PluginError::Contract {
+            plugin: plugin.to_string(),
+            path: wasm.to_path_buf(),
+            found: found.to_string(),
+            expected: CONTRACT_VERSION,
+        }),
         None => Ok(()),
     }
 }

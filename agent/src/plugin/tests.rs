@@ -385,7 +385,7 @@ fn components_built_against_0_1_0_are_refused_with_a_rebuild_hint() {
     let err = Plugin::load(engine(), "old", &old, "{}", PluginLimits::default())
         .err()
         .unwrap();
-    assert!(matches!(err, PluginError::Load { .. }), "{err:?}");
+    assert!(matches!(err, PluginError::Contract { .. }), "{err:?}");
     let msg = err.to_string();
     assert!(msg.contains("silt:plugin@0.1.0"), "{msg}");
     assert!(msg.contains("silt:plugin@0.2.0"), "{msg}");
