@@ -24,7 +24,7 @@ pub enum PluginError {
     #[error(
         "plugin `{plugin}`: cannot load {}: it was built against silt:plugin@{found}, but this \
          agent speaks silt:plugin@{expected}; rebuild it against the current silt-sdk with \
-         plugins/build.sh (its source needs no change)",
+         plugins/build.sh (a plugin written with silt-sdk needs no source change)",
         path.display()
     )]
     Contract {
