@@ -26,8 +26,8 @@ const MIN_EVENT_LEN: usize = 4 + 8 + 4 + 4;
 /// (or the same plugin output) fails the same way every time.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CodecError {
-    #[error("{what} of {len} does not fit the batch buffer's u32 length")]
-    TooLarge { what: &'static str, len: usize },
+    #[error("the batch encodes to {len} bytes, more than the 4 GiB a batch buffer can hold")]
+    TooLarge { len: usize },
 
     #[error("batch buffer ends inside a {what} (needs {need} bytes at offset {at} of {len})")]
     Truncated {
@@ -54,18 +54,23 @@ pub fn encode_into(events: &[Event], buf: &mut Vec<u8>) -> Result<(), CodecError
             len += 8 + k.len() + v.len();
         }
     }
+    // Every count and length is at most the whole buffer's length, so this
+    // one check makes the `as u32` casts below lossless.
+    if u32::try_from(len).is_err() {
+        return Err(CodecError::TooLarge { len });
+    }
     buf.clear();
     buf.reserve(len);
-    put_len(buf, events.len(), "event count")?;
+    buf.extend_from_slice(&(events.len() as u32).to_le_bytes());
     for e in events {
-        put_bytes(buf, e.topic.as_bytes(), "topic")?;
+        put_bytes(buf, e.topic.as_bytes());
         buf.extend_from_slice(&e.ts_ms.to_le_bytes());
-        put_len(buf, e.attributes.len(), "attribute count")?;
+        buf.extend_from_slice(&(e.attributes.len() as u32).to_le_bytes());
         for (k, v) in &e.attributes {
-            put_bytes(buf, k.as_bytes(), "attribute name")?;
-            put_bytes(buf, v.as_bytes(), "attribute value")?;
+            put_bytes(buf, k.as_bytes());
+            put_bytes(buf, v.as_bytes());
         }
-        put_bytes(buf, &e.payload, "payload")?;
+        put_bytes(buf, &e.payload);
     }
     Ok(())
 }
@@ -129,16 +134,9 @@ fn unchanged(input: &[Event], payload: &[u8]) -> Option<usize> {
         .position(|e| e.payload.len() == payload.len() && e.payload[..] == *payload)
 }
 
-fn put_len(buf: &mut Vec<u8>, len: usize, what: &'static str) -> Result<(), CodecError> {
-    let n = u32::try_from(len).map_err(|_| CodecError::TooLarge { what, len })?;
-    buf.extend_from_slice(&n.to_le_bytes());
-    Ok(())
-}
-
-fn put_bytes(buf: &mut Vec<u8>, bytes: &[u8], what: &'static str) -> Result<(), CodecError> {
-    put_len(buf, bytes.len(), what)?;
+fn put_bytes(buf: &mut Vec<u8>, bytes: &[u8]) {
+    buf.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
     buf.extend_from_slice(bytes);
-    Ok(())
 }
 
 struct Reader<'a> {

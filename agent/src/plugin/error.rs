@@ -96,7 +96,7 @@ pub enum PluginError {
         source: CodecError,
     },
 
-    #[error("plugin `{plugin}`: cannot pass the batch to {call}: {source}; send smaller events")]
+    #[error("plugin `{plugin}`: cannot pass the batch to {call}: {source}; send smaller batches")]
     BadInput {
         plugin: String,
         call: &'static str,

@@ -47,6 +47,9 @@ impl Default for PluginLimits {
     }
 }
 
+/// The encoded-input buffer is kept between calls only up to this capacity,
+/// so one huge batch does not pin its size for the plugin's lifetime.
+const MAX_KEPT_INPUT: usize = 4 * 1024 * 1024;
 /// Guest log lines longer than this are cut, so a misbehaving plugin cannot
 /// flood the agent's log with megabyte lines.
 const MAX_LOG_LINE: usize = 8 * 1024;
@@ -146,7 +149,9 @@ impl Plugin {
                 source,
             }),
         };
-        self.input = input;
+        if input.capacity() <= MAX_KEPT_INPUT {
+            self.input = input;
+        }
         self.decode("process", out?, events)
     }
 
