@@ -31,11 +31,13 @@
 //! state is lost: keep it an optimisation (dedup windows, partial
 //! aggregates), never the only copy of data.
 
+mod codec;
 mod config;
 mod error;
 mod event;
 pub mod json;
 pub mod log;
+mod pool;
 
 pub use config::Config;
 pub use error::Error;
@@ -86,14 +88,14 @@ macro_rules! export {
                 }
 
                 fn process(
-                    events: ::std::vec::Vec<$crate::__private::WitEvent>,
-                ) -> ::std::result::Result<::std::vec::Vec<$crate::__private::WitEvent>, ::std::string::String> {
-                    $crate::__private::process::<$ty>(events)
+                    batch: ::std::vec::Vec<u8>,
+                ) -> ::std::result::Result<::std::vec::Vec<u8>, ::std::string::String> {
+                    $crate::__private::process::<$ty>(batch)
                 }
 
                 fn tick(
                     now_ms: u64,
-                ) -> ::std::result::Result<::std::vec::Vec<$crate::__private::WitEvent>, ::std::string::String> {
+                ) -> ::std::result::Result<::std::vec::Vec<u8>, ::std::string::String> {
                     $crate::__private::tick::<$ty>(now_ms)
                 }
             }
@@ -109,13 +111,13 @@ pub mod __private {
     use std::any::Any;
     use std::cell::RefCell;
 
-    use crate::{Config, Event, Transform};
+    use crate::{Config, Event, Transform, codec, pool};
 
     pub use wit_bindgen;
 
     pub mod bindings {
         wit_bindgen::generate!({
-            path: "../wit/silt-plugin-0.1.0",
+            path: "../wit/silt-plugin-0.2.0",
             world: "transform",
             pub_export_macro: true,
             export_macro_name: "__silt_export_transform",
@@ -124,7 +126,6 @@ pub mod __private {
     }
 
     pub use bindings::__silt_export_transform as export_transform;
-    pub use bindings::silt::plugin::types::Event as WitEvent;
 
     thread_local! {
         // wasm32 components are single-threaded and the host serialises
@@ -141,27 +142,31 @@ pub mod __private {
         Ok(())
     }
 
-    pub fn process<T: Transform>(events: Vec<WitEvent>) -> Result<Vec<WitEvent>, String> {
-        let events = events.into_iter().map(Event::from).collect();
+    pub fn process<T: Transform>(batch: Vec<u8>) -> Result<Vec<u8>, String> {
+        let events = pool::with(|pool| codec::decode(&batch, pool)).map_err(|e| e.to_string())?;
+        // Free the input buffer before the plugin allocates its output, so
+        // the two do not have to fit in linear memory at once.
+        drop(batch);
         with_plugin::<T>(|p| p.process(events))
     }
 
-    pub fn tick<T: Transform>(now_ms: u64) -> Result<Vec<WitEvent>, String> {
+    pub fn tick<T: Transform>(now_ms: u64) -> Result<Vec<u8>, String> {
         with_plugin::<T>(|p| p.tick(now_ms))
     }
 
     fn with_plugin<T: Transform>(
         f: impl FnOnce(&mut T) -> Result<Vec<Event>, crate::Error>,
-    ) -> Result<Vec<WitEvent>, String> {
+    ) -> Result<Vec<u8>, String> {
         STATE.with(|s| {
             let mut slot = s.borrow_mut();
             let plugin = slot
                 .as_mut()
                 .and_then(|b| b.downcast_mut::<T>())
                 .ok_or_else(|| "plugin called before a successful init".to_string())?;
-            f(plugin)
-                .map(|out| out.into_iter().map(WitEvent::from).collect())
-                .map_err(|e| e.to_string())
+            let out = f(plugin).map_err(|e| e.to_string())?;
+            let buf = codec::encode(&out).map_err(|e| e.to_string())?;
+            pool::with(|pool| pool.recycle(out));
+            Ok(buf)
         })
     }
 
@@ -171,27 +176,5 @@ pub mod __private {
         std::panic::set_hook(Box::new(|info| {
             crate::log::error(&format!("plugin panicked: {info}"));
         }));
-    }
-
-    impl From<WitEvent> for Event {
-        fn from(e: WitEvent) -> Self {
-            Event {
-                topic: e.topic,
-                ts_ms: e.ts_ms,
-                attributes: e.attributes,
-                payload: e.payload,
-            }
-        }
-    }
-
-    impl From<Event> for WitEvent {
-        fn from(e: Event) -> Self {
-            WitEvent {
-                topic: e.topic,
-                ts_ms: e.ts_ms,
-                attributes: e.attributes,
-                payload: e.payload,
-            }
-        }
     }
 }

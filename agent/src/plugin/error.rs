@@ -1,6 +1,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::codec::CodecError;
+
 /// Why a plugin could not be loaded or run. Every message names the plugin
 /// and the call that failed, and says what the operator can do.
 #[derive(Debug, thiserror::Error)]
@@ -10,13 +12,26 @@ pub enum PluginError {
 
     #[error(
         "plugin `{plugin}`: cannot load {}: {message}; check the path and that it is a \
-         wasm32-wasip2 component built against wit/silt-plugin-0.1.0 (see plugins/build.sh)",
+         wasm32-wasip2 component built against wit/silt-plugin-0.2.0 (see plugins/build.sh)",
         path.display()
     )]
     Load {
         plugin: String,
         path: PathBuf,
         message: String,
+    },
+
+    #[error(
+        "plugin `{plugin}`: cannot load {}: it was built against silt:plugin@{found}, but this \
+         agent speaks silt:plugin@{expected}; rebuild it against the current silt-sdk with \
+         plugins/build.sh (a plugin written with silt-sdk needs no source change)",
+        path.display()
+    )]
+    Contract {
+        plugin: String,
+        path: PathBuf,
+        found: String,
+        expected: &'static str,
     },
 
     #[error(
@@ -70,6 +85,23 @@ pub enum PluginError {
         call: &'static str,
         message: String,
     },
+
+    #[error(
+        "plugin `{plugin}`: {call} returned a malformed batch: {source}; the plugin (or the \
+         SDK it was built with) has a bug; rebuild it against the current silt-sdk"
+    )]
+    BadOutput {
+        plugin: String,
+        call: &'static str,
+        source: CodecError,
+    },
+
+    #[error("plugin `{plugin}`: cannot pass the batch to {call}: {source}; send smaller batches")]
+    BadInput {
+        plugin: String,
+        call: &'static str,
+        source: CodecError,
+    },
 }
 
 impl PluginError {
@@ -90,12 +122,15 @@ impl PluginError {
         match self {
             PluginError::Engine { .. } => "engine",
             PluginError::Load { .. } => "load",
+            PluginError::Contract { .. } => "contract",
             PluginError::Init { .. } => "init",
             PluginError::Trap { .. } => "trap",
             PluginError::Timeout { .. } => "timeout",
             PluginError::MemoryLimit { .. } => "memory_limit",
             PluginError::FuelExhausted { .. } => "fuel_exhausted",
             PluginError::Failed { .. } => "failed",
+            PluginError::BadOutput { .. } => "bad_output",
+            PluginError::BadInput { .. } => "bad_input",
         }
     }
 }

@@ -3,24 +3,26 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use wasmtime::component::{ComponentType, Func, HasSelf, Linker, Lower, ResourceTable, TypedFunc};
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Store, Trap};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::engine::EPOCH_TICK;
-use super::{PluginEngine, PluginError};
+use super::{PluginEngine, PluginError, codec};
 use crate::event::Event;
 
 mod bindings {
     wasmtime::component::bindgen!({
-        path: "../wit/silt-plugin-0.1.0",
+        path: "../wit/silt-plugin-0.2.0",
         world: "transform",
     });
 }
 
 use bindings::silt::plugin::host::Level;
-use bindings::silt::plugin::types::Event as WitEvent;
 use bindings::{Transform, TransformPre};
+
+/// The version of the `silt:plugin` contract this host implements.
+const CONTRACT_VERSION: &str = "0.2.0";
 
 /// Per-plugin resource limits, enforced on every call.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +47,9 @@ impl Default for PluginLimits {
     }
 }
 
+/// The encoded-input buffer is kept between calls only up to this capacity,
+/// so one huge batch does not pin its size for the plugin's lifetime.
+const MAX_KEPT_INPUT: usize = 4 * 1024 * 1024;
 /// Guest log lines longer than this are cut, so a misbehaving plugin cannot
 /// flood the agent's log with megabyte lines.
 const MAX_LOG_LINE: usize = 8 * 1024;
@@ -65,31 +70,15 @@ pub struct Plugin {
     pre: TransformPre<State>,
     /// `None` after a fatal failure until the next call re-creates it.
     live: Option<Live>,
+    /// The encoded input batch, kept between calls so its allocation (and
+    /// the page faults of a fresh one) is paid once, not per batch.
+    input: Vec<u8>,
 }
 
 struct Live {
     store: Store<State>,
     bindings: Transform,
-    /// The `process` export, called through [`ProcessFn`] (checked at
-    /// instantiation and, cheaply, on each call) so the batch is lowered
-    /// from borrowed events (see [`EventIn`]).
-    process: Func,
 }
-
-/// A host event as the guest's `event` record, borrowing from [`Event`]:
-/// lowering copies the strings and the payload straight into guest memory,
-/// with no intermediate owned copy of the batch.
-#[derive(ComponentType, Lower)]
-#[component(record)]
-struct EventIn<'a> {
-    topic: &'a str,
-    #[component(name = "ts-ms")]
-    ts_ms: i64,
-    attributes: &'a [(String, String)],
-    payload: &'a [u8],
-}
-
-type ProcessFn<'a> = TypedFunc<(&'a [EventIn<'a>],), (Result<Vec<WitEvent>, String>,)>;
 
 struct State {
     plugin: Arc<str>,
@@ -115,6 +104,7 @@ impl Plugin {
         };
         let fueled = limits.fuel.is_some();
         let component = engine.component(name, wasm, fueled)?;
+        check_contract(&component, engine.engine(fueled), name, wasm)?;
         let ticker = engine.clone();
         let engine = engine.engine(fueled).clone();
 
@@ -136,6 +126,7 @@ impl Plugin {
             _ticker: ticker,
             pre,
             live: None,
+            input: Vec::new(),
         };
         plugin.live = Some(plugin.instantiate()?);
         Ok(plugin)
@@ -147,22 +138,21 @@ impl Plugin {
 
     /// Transform one batch.
     pub fn process(&mut self, events: Vec<Event>) -> Result<Vec<Event>, PluginError> {
-        let input: Vec<EventIn<'_>> = events
-            .iter()
-            .map(|e| EventIn {
-                topic: &e.topic,
-                ts_ms: e.ts_ms,
-                attributes: &e.attributes,
-                payload: &e.payload,
-            })
-            .collect();
-        let out = self.call("process", |live| {
-            let process: ProcessFn<'_> = live.process.typed(&live.store)?;
-            process
-                .call(&mut live.store, (input.as_slice(),))
-                .map(|(r,)| r)
-        })?;
-        Ok(out.into_iter().map(from_wit).collect())
+        let mut input = std::mem::take(&mut self.input);
+        let out = match codec::encode_into(&events, &mut input) {
+            Ok(()) => self.call("process", |live| {
+                live.bindings.call_process(&mut live.store, &input)
+            }),
+            Err(source) => Err(PluginError::BadInput {
+                plugin: self.name.to_string(),
+                call: "process",
+                source,
+            }),
+        };
+        if input.capacity() <= MAX_KEPT_INPUT {
+            self.input = input;
+        }
+        self.decode("process", out?, events)
     }
 
     /// Let the plugin emit time-based output; `now_ms` is the wall clock in
@@ -170,7 +160,20 @@ impl Plugin {
     pub fn tick(&mut self, now_ms: i64) -> Result<Vec<Event>, PluginError> {
         let now = u64::try_from(now_ms).unwrap_or(0);
         let out = self.call("tick", |live| live.bindings.call_tick(&mut live.store, now))?;
-        Ok(out.into_iter().map(from_wit).collect())
+        self.decode("tick", out, Vec::new())
+    }
+
+    fn decode(
+        &self,
+        call: &'static str,
+        out: Vec<u8>,
+        input: Vec<Event>,
+    ) -> Result<Vec<Event>, PluginError> {
+        codec::decode(Bytes::from(out), input).map_err(|source| PluginError::BadOutput {
+            plugin: self.name.to_string(),
+            call,
+            source,
+        })
     }
 
     /// Throw the current instance away and start a fresh one (new memory,
@@ -203,26 +206,14 @@ impl Plugin {
             .pre
             .instance_pre()
             .instantiate(&mut store)
-            .and_then(|instance| {
-                let bindings = Transform::new(&mut store, &instance)?;
-                let process = *instance
-                    .get_typed_func::<(&[EventIn<'_>],), (Result<Vec<WitEvent>, String>,)>(
-                        &mut store, "process",
-                    )?
-                    .func();
-                Ok((bindings, process))
-            });
-        let (bindings, process) = match instantiated {
+            .and_then(|instance| Transform::new(&mut store, &instance));
+        let bindings = match instantiated {
             Ok(b) => b,
             Err(e) => return Err(classify(&self.name, "instantiate", &self.limits, &store, e)),
         };
         arm(&mut store, &self.limits);
         match bindings.call_init(&mut store, &self.config_json) {
-            Ok(Ok(())) => Ok(Live {
-                store,
-                bindings,
-                process,
-            }),
+            Ok(Ok(())) => Ok(Live { store, bindings }),
             Ok(Err(message)) => Err(PluginError::Init {
                 plugin: self.name.to_string(),
                 message,
@@ -319,12 +310,29 @@ fn classify(
     }
 }
 
-fn from_wit(e: WitEvent) -> Event {
-    Event {
-        ts_ms: e.ts_ms,
-        topic: e.topic,
-        attributes: e.attributes,
-        payload: Bytes::from(e.payload),
+/// Refuse components built against another version of the contract with a
+/// message that says what to do, instead of wasmtime's missing-import error.
+/// Plugins that import nothing from `silt:plugin` are left to the linker.
+fn check_contract(
+    component: &Component,
+    engine: &wasmtime::Engine,
+    plugin: &str,
+    wasm: &Path,
+) -> Result<(), PluginError> {
+    let ty = component.component_type();
+    let found = ty
+        .imports(engine)
+        .filter_map(|(name, _)| name.strip_prefix("silt:plugin/"))
+        .filter_map(|rest| rest.split_once('@').map(|(_, version)| version))
+        .find(|version| *version != CONTRACT_VERSION);
+    match found {
+        Some(found) => Err(PluginError::Contract {
+            plugin: plugin.to_string(),
+            path: wasm.to_path_buf(),
+            found: found.to_string(),
+            expected: CONTRACT_VERSION,
+        }),
+        None => Ok(()),
     }
 }
 
@@ -336,8 +344,6 @@ impl WasiView for State {
         }
     }
 }
-
-impl bindings::silt::plugin::types::Host for State {}
 
 impl bindings::silt::plugin::host::Host for State {
     fn log(&mut self, level: Level, mut message: String) {

@@ -1,4 +1,4 @@
-//! WebAssembly transform plugins: the host side of `wit/silt-plugin-0.1.0`.
+//! WebAssembly transform plugins: the host side of `wit/silt-plugin-0.2.0`.
 //!
 //! ```text
 //! PluginEngine::new(cache_dir) -> Result<PluginEngine, PluginError>   // Clone; one per agent
@@ -36,6 +36,7 @@
 //! directory must be writable only by the agent's user.
 
 pub mod cli;
+mod codec;
 mod dead_letter;
 mod engine;
 mod error;

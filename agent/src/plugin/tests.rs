@@ -365,6 +365,76 @@ fn load_errors_say_what_is_wrong() {
     assert!(matches!(err, PluginError::Load { .. }), "{err:?}");
 }
 
+/// Components hand-written in WAT, for failures the SDK never produces.
+fn wat_component(dir: &Path, name: &str, wat: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.wat"));
+    std::fs::write(&path, wat).unwrap();
+    path
+}
+
+#[test]
+fn components_built_against_0_1_0_are_refused_with_a_rebuild_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = wat_component(
+        dir.path(),
+        "old",
+        r#"(component
+            (import "silt:plugin/host@0.1.0" (instance
+                (export "log" (func (param "message" string))))))"#,
+    );
+    let err = Plugin::load(engine(), "old", &old, "{}", PluginLimits::default())
+        .err()
+        .unwrap();
+    assert!(matches!(err, PluginError::Contract { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("silt:plugin@0.1.0"), "{msg}");
+    assert!(msg.contains("silt:plugin@0.2.0"), "{msg}");
+    assert!(
+        msg.contains("rebuild it against the current silt-sdk"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn malformed_output_is_an_error_not_a_panic() {
+    // `process` and `tick` return `ok` with a 3-byte buffer: a truncated
+    // event count. `init` returns `ok` (a zeroed return area at address 0).
+    let dir = tempfile::tempdir().unwrap();
+    let bad = wat_component(
+        dir.path(),
+        "bad",
+        r#"(component
+            (core module $m
+                (memory (export "memory") 1)
+                (data (i32.const 16) "\00\00\00\00\40\00\00\00\03\00\00\00")
+                (data (i32.const 64) "\01\00\00")
+                (func (export "realloc") (param i32 i32 i32 i32) (result i32) i32.const 1024)
+                (func (export "init") (param i32 i32) (result i32) i32.const 0)
+                (func (export "process") (param i32 i32) (result i32) i32.const 16)
+                (func (export "tick") (param i64) (result i32) i32.const 16))
+            (core instance $i (instantiate $m))
+            (func (export "init") (param "config" string) (result (result (error string)))
+                (canon lift (core func $i "init") (memory (core memory $i "memory"))
+                    (realloc (core func $i "realloc"))))
+            (func (export "process") (param "batch" (list u8))
+                (result (result (list u8) (error string)))
+                (canon lift (core func $i "process") (memory (core memory $i "memory"))
+                    (realloc (core func $i "realloc"))))
+            (func (export "tick") (param "now-ms" u64)
+                (result (result (list u8) (error string)))
+                (canon lift (core func $i "tick") (memory (core memory $i "memory")))))"#,
+    );
+    let mut p = Plugin::load(engine(), "bad", &bad, "{}", PluginLimits::default()).unwrap();
+    for err in [
+        p.process(vec![Event::new(1, "t", &b"x"[..])]).unwrap_err(),
+        p.tick(0).unwrap_err(),
+    ] {
+        assert!(matches!(err, PluginError::BadOutput { .. }), "{err:?}");
+        assert!(!err.is_fatal_to_instance());
+        assert!(err.to_string().contains("malformed batch"), "{err}");
+    }
+}
+
 #[test]
 fn plugin_moves_between_threads() {
     let Some(p) = load("route", json!({"field": "site"}), PluginLimits::default()) else {
