@@ -111,6 +111,16 @@ fn payload(i: usize) -> Value {
     v
 }
 
+/// POSTs `events` as one JSON array; the agent must accept them all.
+async fn post_readings(client: &HttpClient, events: Vec<Value>) {
+    let body = serde_json::to_vec(&events).unwrap();
+    let reply = client
+        .post_raw("/v1/ingest/readings", "application/json", body, None)
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 202, "{}", reply.body);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parquet_lake_partitioned_by_plugin_attribute_reads_back_in_pyarrow() {
     let (Some(py), Some(route)) = (python::python(), plugin_wasm("route")) else {
@@ -275,17 +285,7 @@ async fn ndjson_gzip_lake_partitioned_by_field_reads_back_in_python() {
     let client = HttpClient::new(port, None);
     let n = 200;
     for chunk in (0..n).collect::<Vec<_>>().chunks(20) {
-        let body: Vec<Value> = chunk.iter().map(|&i| payload(i)).collect();
-        let reply = client
-            .post_raw(
-                "/v1/ingest/readings",
-                "application/json",
-                serde_json::to_vec(&body).unwrap(),
-                None,
-            )
-            .await
-            .unwrap();
-        assert_eq!(reply.status, 202, "{}", reply.body);
+        post_readings(&client, chunk.iter().map(|&i| payload(i)).collect()).await;
     }
     wait_until(deadline(60), "every event uploaded", || {
         agent.uploaded_records() == n as u64
@@ -356,17 +356,7 @@ async fn storage_class_and_metadata_on_every_put_and_multipart_upload() {
         .wait_ready(&[("http listening", 1), ("silt running", 1)], 60)
         .await;
     let client = HttpClient::new(port, None);
-    let body: Vec<Value> = (0..5).map(payload).collect();
-    let reply = client
-        .post_raw(
-            "/v1/ingest/readings",
-            "application/json",
-            serde_json::to_vec(&body).unwrap(),
-            None,
-        )
-        .await
-        .unwrap();
-    assert_eq!(reply.status, 202, "{}", reply.body);
+    post_readings(&client, (0..5).map(payload).collect()).await;
     // 12 MiB: three parts of a multipart upload.
     let video: Vec<u8> = (0..12 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
     let put = reqwest::Client::new()

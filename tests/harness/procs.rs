@@ -48,6 +48,16 @@ fn tail(path: &Path, max_lines: usize) -> String {
     lines[from..].join("\n")
 }
 
+/// Where `.ci/run` caches test tools: `${SILT_TOOLS:-$HOME/.cache/silt/tools}`.
+pub fn tools_dir() -> PathBuf {
+    std::env::var_os("SILT_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".cache/silt/tools")
+        })
+}
+
 /// Finds an executable: env var override, then extra candidates, then PATH.
 pub fn find_exe(env: &str, name: &str, extra: &[PathBuf]) -> PathBuf {
     if let Some(p) = std::env::var_os(env) {
@@ -227,13 +237,7 @@ pub struct S3Server {
 impl S3Server {
     /// s3s-fs binary: `SILT_S3S_FS`, then `${SILT_TOOLS:-$HOME/.cache/silt/tools}/bin/s3s-fs`, then PATH.
     pub fn exe() -> PathBuf {
-        let tools = std::env::var_os("SILT_TOOLS")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
-                    .join(".cache/silt/tools")
-            });
-        find_exe("SILT_S3S_FS", "s3s-fs", &[tools.join("bin/s3s-fs")])
+        find_exe("SILT_S3S_FS", "s3s-fs", &[tools_dir().join("bin/s3s-fs")])
     }
 
     /// Starts s3s-fs on a free port, serving `dir/s3root`, with bucket `bucket`

@@ -14,13 +14,7 @@ use std::time::{Duration, Instant};
 use super::{free_port, port_open, wait_until_blocking};
 
 fn venv() -> PathBuf {
-    std::env::var_os("SILT_TOOLS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
-                .join(".cache/silt/tools")
-        })
-        .join("py")
+    super::procs::tools_dir().join("py")
 }
 
 /// The interpreter with pyarrow, boto3 and moto, or `None` (test skips).

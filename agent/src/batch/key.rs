@@ -3,6 +3,8 @@
 //! Everything but `{batch}` is the event's *partition*: the batcher keeps
 //! one open batch per partition, so an object never mixes partitions.
 
+use std::fmt::Write;
+
 use time::OffsetDateTime;
 
 use crate::event::Event;
@@ -116,14 +118,15 @@ impl KeyTemplate {
                 Part::Literal(s) => out.push_str(s),
                 Part::Agent => out.push_str(agent),
                 Part::Sink => out.push_str(sink),
-                Part::Year => out.push_str(&format!("{:04}", t.year())),
-                Part::Month => out.push_str(&format!("{:02}", u8::from(t.month()))),
-                Part::Day => out.push_str(&format!("{:02}", t.day())),
-                Part::Hour => out.push_str(&format!("{:02}", t.hour())),
-                Part::Minute => out.push_str(&format!("{:02}", t.minute())),
+                // Runs per event on the spool writer: write in place.
+                Part::Year => write!(out, "{:04}", t.year()).expect("to a String"),
+                Part::Month => write!(out, "{:02}", u8::from(t.month())).expect("to a String"),
+                Part::Day => write!(out, "{:02}", t.day()).expect("to a String"),
+                Part::Hour => write!(out, "{:02}", t.hour()).expect("to a String"),
+                Part::Minute => write!(out, "{:02}", t.minute()).expect("to a String"),
                 Part::Batch => {
                     if let Some(batch) = batch {
-                        out.push_str(&format!("{batch:010}"))
+                        write!(out, "{batch:010}").expect("to a String")
                     }
                 }
                 Part::Attr(name) => push_value(&mut out, event.attribute(name)),

@@ -146,11 +146,7 @@ fn build_engine(fuel: bool) -> Result<Engine, PluginError> {
 /// upgrade or config change (different compatibility hash) never picks up
 /// stale native code.
 fn cache_file_name(engine: &Engine, wasm: &[u8]) -> String {
-    let digest = Sha256::digest(wasm);
-    let mut hex = String::with_capacity(64);
-    for b in digest {
-        hex.push_str(&format!("{b:02x}"));
-    }
+    let hex = crate::media::hex(&Sha256::digest(wasm));
     let mut h = DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut h);
     format!("{hex}-{:016x}.cwasm", h.finish())
