@@ -197,6 +197,7 @@ impl Pipeline {
         let media = media::MediaDir::open(data_dir)
             .with_context(|| format!("cannot prepare {}", data_dir.join("media").display()))?;
         let metrics = Arc::new(Metrics::new(&config));
+        metrics.spool_opened(&spool);
         let api_stop = CancellationToken::new();
         let api = match api::ApiServer::bind(&config.api, metrics.clone(), spool.clone()).await {
             Ok(server) => Some(tokio::spawn(server.run(api_stop.clone()))),

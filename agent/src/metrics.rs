@@ -73,6 +73,7 @@ pub struct Metrics {
     dead_lettered: Counters,
     plugin_duration: Family<Labels, Histogram>,
     mqtt_connected: Gauges,
+    spool_lost: Counters,
     /// Per sink, the receive time of the oldest record of the batch being
     /// uploaded: sealed records no longer show in the spool's unsealed stats.
     uploading_since_ms: Mutex<HashMap<String, i64>>,
@@ -105,6 +106,12 @@ impl Metrics {
             "silt_objects_committed",
             "Objects the sink confirmed written",
             objects.clone(),
+        );
+        let spool_lost = Counters::default();
+        registry.register(
+            "silt_spool_lost_records",
+            "Records acknowledged by an earlier run that the spool no longer had when it opened",
+            spool_lost.clone(),
         );
         let upload_errors = Counters::default();
         registry.register(
@@ -240,6 +247,7 @@ impl Metrics {
             dead_lettered,
             plugin_duration,
             mqtt_connected,
+            spool_lost,
             uploading_since_ms: Mutex::new(HashMap::new()),
         }
     }
@@ -256,6 +264,15 @@ impl Metrics {
         self.events_out.get_or_create(&l).inc_by(events);
         self.uploaded_bytes.get_or_create(&l).inc_by(bytes);
         self.objects.get_or_create(&l).inc();
+    }
+
+    /// Counts what the spool found lost when it opened.
+    pub fn spool_opened(&self, spool: &Spool) {
+        for (sink, &n) in spool.lost_on_open() {
+            self.spool_lost
+                .get_or_create(&label("sink", sink))
+                .inc_by(n);
+        }
     }
 
     pub fn upload_error(&self, sink: &str) {

@@ -4,8 +4,8 @@
 use std::io::Write;
 use std::path::Path;
 
-use super::record;
-use super::state::{decode_meta, split_record_key};
+use super::sink_log::{Chunk, decode_ref, read_chunk};
+use super::state::{decode_meta, segment_dir};
 use super::{SpoolError, move_aside, open_db, panic_message};
 use crate::event::now_ms;
 
@@ -72,7 +72,7 @@ fn sink_trees(db: &sled::Db) -> Vec<String> {
         .filter_map(|n| {
             std::str::from_utf8(n)
                 .ok()?
-                .strip_prefix("records/")
+                .strip_prefix("chunks/")
                 .map(str::to_string)
         })
         .collect();
@@ -88,20 +88,19 @@ fn stats_inner(data_dir: &Path) -> Result<Vec<SinkBacklog>, SpoolError> {
     let db = open(data_dir)?;
     let mut out = Vec::new();
     for sink in sink_trees(&db) {
-        let records = db.open_tree(format!("records/{sink}"))?;
+        let chunks = db.open_tree(format!("chunks/{sink}"))?;
         let batches = db.open_tree(format!("batches/{sink}"))?;
         let mut backlog = SinkBacklog {
             sink,
             sealed_batches: batches.len() as u64,
             ..SinkBacklog::default()
         };
-        for item in records.iter() {
-            let (_, v) = item?;
-            backlog.records += 1;
-            backlog.bytes += v.len() as u64;
-            if backlog.oldest_ms.is_none() {
-                backlog.oldest_ms = record::timestamp(&v);
-            }
+        for item in chunks.iter() {
+            let (k, v) = item?;
+            let (_, _, r) = decode_ref(&k, &v)?;
+            backlog.records += r.count as u64;
+            backlog.bytes += r.bytes;
+            backlog.oldest_ms = Some(backlog.oldest_ms.unwrap_or(i64::MAX).min(r.first_ts));
         }
         out.push(backlog);
     }
@@ -164,44 +163,53 @@ pub fn check(data_dir: &Path, repair: bool) -> Result<CheckReport, SpoolError> {
 fn check_inner(data_dir: &Path, repair: bool) -> Result<CheckReport, SpoolError> {
     let db = open(data_dir)?;
     let quarantine = data_dir.join("quarantine");
+    let io = |e: std::io::Error| SpoolError::Storage(sled::Error::Io(e));
+    let keep = |name: String, raw: &[u8]| {
+        std::fs::create_dir_all(&quarantine)
+            .and_then(|_| std::fs::write(quarantine.join(name), raw))
+            .map_err(io)
+    };
     let mut report = CheckReport::default();
     for sink in sink_trees(&db) {
-        for (tree, kind) in [("records", "record"), ("batches", "batch")] {
-            let t = db.open_tree(format!("{tree}/{sink}"))?;
-            for item in t.iter() {
-                let (k, v) = item?;
-                let seq = if kind == "record" {
-                    split_record_key(&k).1
-                } else {
-                    u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]))
-                };
-                let problem = if kind == "record" {
-                    report.records += 1;
-                    record::decode(&v).err().map(|e| e.to_string())
-                } else {
-                    report.batches += 1;
-                    decode_meta(&v).err()
-                };
-                let Some(problem) = problem else { continue };
-                report
-                    .problems
-                    .push(format!("sink {sink} {kind} {seq}: {problem}"));
-                if repair {
-                    std::fs::create_dir_all(&quarantine)
-                        .and_then(|_| {
-                            std::fs::write(
-                                quarantine.join(format!("{sink}-{kind}-{seq:020}.bin")),
-                                &v,
-                            )
-                        })
-                        .map_err(|e| SpoolError::Storage(sled::Error::Io(e)))?;
-                    t.remove(&k)?;
-                    report.repaired += 1;
-                }
+        let dir = segment_dir(&data_dir.join("spool"), &sink);
+        let chunks = db.open_tree(format!("chunks/{sink}"))?;
+        for item in chunks.iter() {
+            let (k, v) = item?;
+            let (_, seq, r) = decode_ref(&k, &v)?;
+            report.records += r.count as u64;
+            let Chunk::Damaged { detail, raw } = read_chunk(&dir, &r)? else {
+                continue;
+            };
+            report.problems.push(format!(
+                "sink {sink} chunk {seq} ({} records): {detail}",
+                r.count
+            ));
+            if repair {
+                keep(format!("{sink}-chunk-{seq:020}.bin"), &raw)?;
+                chunks.remove(&k)?;
+                report.repaired += 1;
+            }
+        }
+        let batches = db.open_tree(format!("batches/{sink}"))?;
+        for item in batches.iter() {
+            let (k, v) = item?;
+            report.batches += 1;
+            let Err(problem) = decode_meta(&v) else {
+                continue;
+            };
+            let seq = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]));
+            report
+                .problems
+                .push(format!("sink {sink} batch {seq}: {problem}"));
+            if repair {
+                keep(format!("{sink}-batch-{seq:020}.bin"), &v)?;
+                batches.remove(&k)?;
+                report.repaired += 1;
             }
         }
     }
     db.flush()?;
+    super::sync_db(&data_dir.join("spool")).map_err(io)?;
     Ok(report)
 }
 
@@ -224,29 +232,32 @@ fn export_inner(
         if only.is_some_and(|o| o != sink) {
             continue;
         }
-        let records = db.open_tree(format!("records/{sink}"))?;
-        for item in records.iter() {
+        let dir = segment_dir(&data_dir.join("spool"), &sink);
+        for item in db.open_tree(format!("chunks/{sink}"))?.iter() {
             let (k, v) = item?;
-            let seq = split_record_key(&k).1;
-            let Ok(event) = record::decode(&v) else {
+            let (_, first, r) = decode_ref(&k, &v)?;
+            let Chunk::Events(events) = read_chunk(&dir, &r)? else {
                 tracing::warn!(
                     sink,
-                    seq,
-                    "corrupt record skipped; `silt spool check --repair` quarantines it"
+                    seq = first,
+                    records = r.count,
+                    "corrupt chunk skipped; `silt spool check --repair` quarantines it"
                 );
                 continue;
             };
-            let mut line = Vec::new();
-            crate::plugin::ndjson::write_event(&mut line, &event).map_err(io)?;
-            // Prefix sink and seq, keeping the rest of the line as it is.
-            write!(
-                out,
-                "{{\"sink\":{},\"seq\":{seq},",
-                serde_json::Value::from(sink.as_str())
-            )
-            .map_err(io)?;
-            out.write_all(&line[1..]).map_err(io)?;
-            written += 1;
+            for (seq, event) in (first..).zip(&events) {
+                let mut line = Vec::new();
+                crate::plugin::ndjson::write_event(&mut line, event).map_err(io)?;
+                // Prefix sink and seq, keeping the rest of the line as it is.
+                write!(
+                    out,
+                    "{{\"sink\":{},\"seq\":{seq},",
+                    serde_json::Value::from(sink.as_str())
+                )
+                .map_err(io)?;
+                out.write_all(&line[1..]).map_err(io)?;
+                written += 1;
+            }
         }
     }
     Ok(written)
@@ -325,30 +336,33 @@ mod tests {
     #[test]
     fn check_finds_and_repairs_flipped_bytes() {
         let dir = filled();
-        {
-            let db = open_db(&dir.path().join("spool")).unwrap();
-            let t = db.open_tree("records/lake").unwrap();
-            let (k, v) = t.first().unwrap().unwrap();
-            let mut bad = v.to_vec();
-            bad[6] ^= 1;
-            t.insert(k, bad).unwrap();
-            db.flush().unwrap();
-        }
+        // Both records share one chunk (one append), split by the seal into
+        // two references: one flipped byte damages both.
+        let segments = segment_dir(&dir.path().join("spool"), "lake");
+        let file = std::fs::read_dir(&segments)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let mut raw = std::fs::read(&file).unwrap();
+        raw[12] ^= 1;
+        std::fs::write(&file, raw).unwrap();
         let report = check(dir.path(), false).unwrap();
         assert_eq!(
             (report.records, report.batches, report.problems.len()),
-            (2, 1, 1),
+            (2, 1, 2),
             "{:?}",
             report.problems
         );
         let report = check(dir.path(), true).unwrap();
-        assert_eq!(report.repaired, 1);
+        assert_eq!(report.repaired, 2);
         assert!(check(dir.path(), false).unwrap().problems.is_empty());
         assert_eq!(
             std::fs::read_dir(dir.path().join("quarantine"))
                 .unwrap()
                 .count(),
-            1
+            2
         );
     }
 }

@@ -2,17 +2,23 @@
 //! received, and stays until the object holding it is confirmed written.
 //!
 //! One writer thread owns the sled trees ([`state::SpoolState`]). Callers
-//! send it commands; it applies every command that is waiting, flushes sled
-//! once (group commit: one fsync for many appends), and only then answers.
-//! An answer therefore always means "on disk".
+//! send it commands; it applies every command that is waiting, writes one
+//! chunk per sink and partition, fsyncs the segment files, flushes sled and
+//! fdatasyncs its log file (group commit: one barrier for many appends), and
+//! only then answers. An answer therefore always means "on disk": sled's own
+//! `flush()` ends in `sync_file_range`, which is no barrier (sled#1452).
 
+mod chunk;
 pub mod inspect;
-mod record;
+mod legacy;
+mod segments;
+mod sink_log;
 mod state;
 #[cfg(test)]
 mod tests;
 mod watermark;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
@@ -21,11 +27,10 @@ use tokio::sync::{Notify, oneshot};
 
 use crate::config::SpoolConfig;
 use crate::event::{Event, now_ms};
-pub use record::{DecodeError, decode, encode};
+pub use chunk::{DecodeError, decode_chunk, encode_chunk, encoded_len};
+pub use sink_log::LoadedBatch;
 use state::SpoolState;
-pub use state::{
-    AppendOutcome, BatchMeta, LoadedBatch, Mark, Partitioner, SealRule, SinkSpec, SinkStats,
-};
+pub use state::{AppendOutcome, BatchMeta, Mark, Partitioner, SealRule, SinkSpec, SinkStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -98,7 +103,9 @@ enum Reply {
 
 struct SinkShared {
     name: String,
-    records: sled::Tree,
+    chunks: sled::Tree,
+    /// Where the sink's segment files are.
+    segments: PathBuf,
     stats: Mutex<SinkStats>,
     /// Woken after a commit adds records for this sink.
     records_added: Notify,
@@ -116,6 +123,8 @@ struct Shared {
     quarantine: PathBuf,
     /// Cancelled when a flush fails: sled stays failed until reopened.
     storage_failed: tokio_util::sync::CancellationToken,
+    /// Records acknowledged by an earlier run and found missing on open.
+    lost: BTreeMap<String, u64>,
 }
 
 #[derive(Clone)]
@@ -123,6 +132,8 @@ pub struct Spool {
     shared: Arc<Shared>,
     commands: mpsc::Sender<Message>,
     db: sled::Db,
+    /// `<data_dir>/spool`, where sled's files are.
+    dir: PathBuf,
     writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
@@ -152,7 +163,9 @@ impl Spool {
             min_free: config.min_free.as_u64(),
             dir: dir.to_path_buf(),
         };
-        let open = || open_state(&path, sinks, limits.clone(), &quarantine);
+        let watermark = watermark::Watermark::new(dir);
+        let floor = watermark.read();
+        let open = || open_state(&path, sinks, limits.clone(), &quarantine, &floor);
         let (db, state) = match open() {
             Err(SpoolError::Damaged { detail, .. }) => {
                 // Damage sled cannot recover must not keep the device from
@@ -163,13 +176,17 @@ impl Spool {
             }
             other => other?,
         };
-        let watermark = watermark::Watermark::new(dir);
-        watermark.check(&state.next_seqs());
+        let lost = watermark::report_lost(&floor, &state.recovered());
+        let db_file = std::fs::File::open(path.join("db")).map_err(|source| SpoolError::Open {
+            path: path.clone(),
+            source: sled::Error::Io(source),
+        })?;
         let mut shared_sinks = Vec::new();
         for (i, log) in state.sinks.iter().enumerate() {
             shared_sinks.push(SinkShared {
                 name: log.name.clone(),
-                records: state.records_tree(i),
+                chunks: log.chunks.clone(),
+                segments: log.segments.dir().to_path_buf(),
                 stats: Mutex::new(log.stats),
                 records_added: Notify::new(),
                 pending: Mutex::new(state.sealed_batches(i)?),
@@ -184,15 +201,17 @@ impl Spool {
             space_freed: Notify::new(),
             quarantine,
             storage_failed: tokio_util::sync::CancellationToken::new(),
+            lost,
         });
         let (commands, rx) = mpsc::channel();
         let writer_shared = shared.clone();
         let writer_db = db.clone();
+        let spool_dir = path.clone();
         let writer = std::thread::Builder::new()
             .name("silt-spool".into())
             .spawn(move || {
                 let run = std::panic::AssertUnwindSafe(|| {
-                    writer(state, writer_db, rx, writer_shared, watermark)
+                    writer(state, writer_db, db_file, rx, writer_shared, watermark)
                 });
                 if std::panic::catch_unwind(run).is_err() {
                     // Without its writer the agent can acknowledge nothing;
@@ -210,6 +229,7 @@ impl Spool {
             shared,
             commands,
             db,
+            dir: spool_dir,
             writer: Arc::new(Mutex::new(Some(writer))),
         })
     }
@@ -309,22 +329,37 @@ impl Spool {
     /// The events of a sealed batch, read back from disk.
     pub fn load_batch(&self, sink: SinkId, batch: &BatchMeta) -> Result<LoadedBatch, SpoolError> {
         let s = &self.shared.sinks[sink];
-        state::load_batch(&s.records, &s.name, batch, &self.shared.quarantine)
+        sink_log::load_batch(
+            &s.chunks,
+            &s.segments,
+            &s.name,
+            batch,
+            &self.shared.quarantine,
+        )
     }
 
-    /// Calls `f` with every event held for `sink`, sealed or not; records
+    /// Calls `f` with every event held for `sink`, sealed or not; chunks
     /// that no longer decode are skipped (the batcher quarantines them).
     pub fn for_each_event(
         &self,
         sink: SinkId,
         mut f: impl FnMut(&Event),
     ) -> Result<(), SpoolError> {
-        for item in self.shared.sinks[sink].records.iter() {
-            if let Ok(event) = decode(&item?.1) {
-                f(&event);
+        let s = &self.shared.sinks[sink];
+        for item in s.chunks.iter() {
+            let (k, v) = item?;
+            let (_, _, r) = sink_log::decode_ref(&k, &v)?;
+            if let sink_log::Chunk::Events(events) = sink_log::read_chunk(&s.segments, &r)? {
+                events.iter().for_each(&mut f);
             }
         }
         Ok(())
+    }
+
+    /// Records per sink that an earlier run had acknowledged and this open
+    /// found missing (the spool's files were damaged or lost writes).
+    pub fn lost_on_open(&self) -> &BTreeMap<String, u64> {
+        &self.shared.lost
     }
 
     pub fn stats(&self, sink: SinkId) -> SinkStats {
@@ -375,13 +410,23 @@ impl Spool {
         }
         // After a storage failure sled refuses every flush; what it holds
         // unflushed was never acknowledged, so closing goes on regardless.
-        if let Err(e) = self.db.flush()
+        let flushed = self
+            .db
+            .flush()
+            .and_then(|_| sync_db(&self.dir).map_err(sled::Error::Io));
+        if let Err(e) = flushed
             && !self.shared.storage_failed.is_cancelled()
         {
             return Err(e.into());
         }
         Ok(())
     }
+}
+
+/// fdatasyncs sled's log file: sled's `flush()` stops at `sync_file_range`,
+/// and a sync through any descriptor of the file makes its data durable.
+pub(super) fn sync_db(spool_dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(spool_dir.join("db"))?.sync_data()
 }
 
 /// Moves `<dir>/spool` into `<dir>/quarantine/spool-<ms>`; returns where.
@@ -404,6 +449,7 @@ fn open_state(
     sinks: &[SinkSpec],
     limits: state::Limits,
     quarantine: &Path,
+    floor: &BTreeMap<String, state::Reached>,
 ) -> Result<(sled::Db, SpoolState), SpoolError> {
     let damaged = |detail: String| SpoolError::Damaged {
         path: path.to_path_buf(),
@@ -413,7 +459,7 @@ fn open_state(
     // leaves nothing of them half-updated.
     let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let db = open_db(path)?;
-        let state = SpoolState::open(&db, sinks, limits, quarantine)?;
+        let state = SpoolState::open(&db, path, sinks, limits, quarantine, floor)?;
         Ok((db, state))
     }));
     match opened {
@@ -468,6 +514,7 @@ fn open_db(path: &Path) -> Result<sled::Db, SpoolError> {
 fn writer(
     mut state: SpoolState,
     db: sled::Db,
+    db_file: std::fs::File,
     rx: mpsc::Receiver<Message>,
     shared: Arc<Shared>,
     mut watermark: watermark::Watermark,
@@ -486,19 +533,43 @@ fn writer(
                 next = rx.try_recv().ok();
             }
         }
-        let flushed = db.flush();
-        match &flushed {
-            Ok(_) => watermark.update(state.next_seqs(), !open),
+        let committed = commit(&mut state, &db, &db_file);
+        match &committed {
+            Ok(()) => {
+                state.remove_doomed();
+                watermark.update(state.reached(), !open);
+            }
             Err(e) => {
-                tracing::error!(error = %e, "spool flush failed (disk full?); nothing more is acknowledged until the spool is reopened");
+                tracing::error!(error = %e, "spool commit failed (disk full?); nothing more is acknowledged until the spool is reopened");
                 shared.storage_failed.cancel();
             }
         }
         publish(&state, &shared);
         for reply in replies {
-            send_reply(reply, flushed.as_ref().err(), &shared);
+            send_reply(reply, committed.as_ref().err(), &shared);
         }
     }
+}
+
+/// The barrier of one group: chunks and their segment files first, then
+/// sled's references to them, each fsynced before the next step.
+fn commit(
+    state: &mut SpoolState,
+    db: &sled::Db,
+    db_file: &std::fs::File,
+) -> Result<(), sled::Error> {
+    match state.write_pending() {
+        Ok(()) => {}
+        Err(SpoolError::Storage(e)) => return Err(e),
+        Err(e) => return Err(sled::Error::Io(std::io::Error::other(e.to_string()))),
+    }
+    if let Some(failure) = state.failed() {
+        return Err(sled::Error::Io(std::io::Error::other(failure)));
+    }
+    state.sync_segments()?;
+    db.flush()?;
+    db_file.sync_data()?;
+    Ok(())
 }
 
 fn apply(state: &mut SpoolState, command: Command) -> Reply {

@@ -1,14 +1,14 @@
-//! The spool's state machine over sled: append, seal, complete, drop.
+//! The spool's state machine: append, seal, complete, drop.
 //!
 //! Everything here is synchronous and runs on the spool's single writer
-//! thread, so no two mutations interleave; durability (the flush) is the
-//! caller's job, done once per group of commands.
+//! thread, so no two mutations interleave. Appends of one group commit are
+//! gathered into one chunk per sink and partition; [`SpoolState::commit`]
+//! writes them and makes the whole group durable.
 //!
-//! Per sink there are two trees: `records/<sink>` ((partition, sequence)
-//! -> encoded event) and `batches/<sink>` (batch sequence -> [`BatchMeta`]).
-//! A partition is a run of records that may share an object (same rendered
-//! key prefix); its records below the end of its last sealed batch belong
-//! to a batch, the rest are "unsealed" and wait for the batcher.
+//! Per sink, sled holds `chunks/<sink>` ((partition, first sequence) ->
+//! [`super::chunk::ChunkRef`]) and `batches/<sink>` (batch sequence ->
+//! [`BatchMeta`]); the chunks are in segment files under
+//! `spool/chunks/<sink>/`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -17,7 +17,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::SpoolError;
-use super::record;
+use super::chunk::encoded_len;
+use super::segments::Segments;
+use super::sink_log::{Chunk, OpenPartition, SinkLog, decode_ref, quarantine, read_chunk};
 use crate::config::WhenFull;
 use crate::event::Event;
 
@@ -99,30 +101,6 @@ pub struct AppendOutcome {
     pub dropped_old: u64,
 }
 
-/// The unsealed tail of one partition.
-#[derive(Debug)]
-struct OpenPartition {
-    prefix: String,
-    /// First record sequence not covered by a sealed batch.
-    unsealed_from: u64,
-    records: u64,
-    bytes: u64,
-    oldest_ms: Option<i64>,
-}
-
-pub(super) struct SinkLog {
-    pub name: String,
-    records: sled::Tree,
-    batches: sled::Tree,
-    partition_of: Partitioner,
-    next_seq: u64,
-    next_batch: u64,
-    next_partition: u64,
-    open: BTreeMap<u64, OpenPartition>,
-    by_prefix: HashMap<String, u64>,
-    pub stats: SinkStats,
-}
-
 /// When the spool counts as full.
 #[derive(Debug, Clone)]
 pub(super) struct Limits {
@@ -159,6 +137,11 @@ pub(super) struct SpoolState {
     pub bytes: u64,
     limits: Limits,
     quarantine: PathBuf,
+    /// Marks of this group, written after its chunk references so that a
+    /// mark is never durable without the records it vouches for.
+    marks: Vec<Mark>,
+    /// Why writing a group failed: the group's other answers fail too.
+    failed: Option<String>,
 }
 
 fn be(n: u64) -> [u8; 8] {
@@ -169,28 +152,29 @@ fn from_be(key: &[u8]) -> u64 {
     u64::from_be_bytes(key.try_into().unwrap_or([0; 8]))
 }
 
-/// Record key: partition then sequence, so a partition is one key range.
-pub(super) fn record_key(partition: u64, seq: u64) -> [u8; 16] {
-    let mut key = [0; 16];
-    key[..8].copy_from_slice(&be(partition));
-    key[8..].copy_from_slice(&be(seq));
-    key
+/// Where a sink's segment files live.
+pub(super) fn segment_dir(spool_dir: &Path, sink: &str) -> PathBuf {
+    spool_dir.join("chunks").join(sink)
 }
 
-/// `(partition, sequence)` of a record key.
-pub(super) fn split_record_key(key: &[u8]) -> (u64, u64) {
-    match key.split_at_checked(8) {
-        Some((partition, seq)) => (from_be(partition), from_be(seq)),
-        None => (0, from_be(key)),
-    }
+/// What the watermark says a sink had durably reached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reached {
+    pub next_seq: u64,
+    #[serde(default)]
+    pub next_batch: u64,
 }
 
 impl SpoolState {
+    /// `floor` holds the watermark's counters: a counter never restarts
+    /// below what was once durable, so no `{batch}` key is used twice.
     pub fn open(
         db: &sled::Db,
+        spool_dir: &Path,
         sinks: &[SinkSpec],
         limits: Limits,
         quarantine: &Path,
+        floor: &BTreeMap<String, Reached>,
     ) -> Result<SpoolState, SpoolError> {
         let meta = db.open_tree("meta")?;
         let mut state = SpoolState {
@@ -200,36 +184,38 @@ impl SpoolState {
             bytes: 0,
             limits,
             quarantine: quarantine.to_path_buf(),
+            marks: Vec::new(),
+            failed: None,
         };
         for spec in sinks {
-            let log = state.open_sink(db, spec)?;
+            super::legacy::migrate(db, spool_dir, quarantine, &spec.name)?;
+            let floor = floor.get(&spec.name).copied().unwrap_or_default();
+            let log = state.open_sink(db, spool_dir, spec, floor)?;
             state.bytes += log.stats.unsealed_bytes + log.stats.sealed_bytes;
             state.sinks.push(log);
         }
         Ok(state)
     }
 
-    fn open_sink(&self, db: &sled::Db, spec: &SinkSpec) -> Result<SinkLog, SpoolError> {
+    fn open_sink(
+        &self,
+        db: &sled::Db,
+        spool_dir: &Path,
+        spec: &SinkSpec,
+        floor: Reached,
+    ) -> Result<SinkLog, SpoolError> {
         let name = spec.name.as_str();
-        let records = db.open_tree(format!("records/{name}"))?;
+        let chunks = db.open_tree(format!("chunks/{name}"))?;
         let batches = db.open_tree(format!("batches/{name}"))?;
         let stored_next = |key: String| -> Result<u64, SpoolError> {
             Ok(self.meta.get(key)?.map(|v| from_be(&v)).unwrap_or(0))
         };
-        let mut log = SinkLog {
-            name: name.to_string(),
-            records,
-            batches,
-            partition_of: spec.partition_of.clone(),
-            next_seq: stored_next(format!("next_seq/{name}"))?,
-            next_batch: stored_next(format!("next_batch/{name}"))?,
-            next_partition: 0,
-            open: BTreeMap::new(),
-            by_prefix: HashMap::new(),
-            stats: SinkStats::default(),
-        };
+        let stored_seq = stored_next(format!("next_seq/{name}"))?;
+        let next_batch = stored_next(format!("next_batch/{name}"))?.max(floor.next_batch);
         let mut sealed_until: HashMap<u64, u64> = HashMap::new();
-        for item in log.batches.iter() {
+        let (mut sealed_batches, mut sealed_bytes) = (0, 0);
+        let (mut max_batch, mut max_partition) = (next_batch, 0);
+        for item in batches.iter() {
             let (k, v) = item?;
             let meta = match self.decode_meta(name, &k, &v) {
                 Ok(meta) => meta,
@@ -237,47 +223,80 @@ impl SpoolState {
                     // Its records become unsealed again and go out in a new
                     // batch: possibly a second copy, never a loss.
                     tracing::warn!(sink = name, error = %e, "corrupt sealed batch record; its events will be batched again");
-                    quarantine_raw(
+                    quarantine(
                         &self.quarantine,
-                        &format!("{name}-batch-{:020}.bin", from_be(&k)),
+                        &format!("{name}-batch"),
+                        from_be(&k),
+                        "corrupt batch",
                         &v,
                     );
-                    log.batches.remove(&k)?;
+                    batches.remove(&k)?;
                     continue;
                 }
             };
-            log.stats.sealed_batches += 1;
-            log.stats.sealed_bytes += meta.bytes;
+            sealed_batches += 1;
+            sealed_bytes += meta.bytes;
             let until = sealed_until.entry(meta.partition).or_default();
             *until = (*until).max(meta.last + 1);
-            log.next_batch = log.next_batch.max(meta.seq + 1);
-            log.next_partition = log.next_partition.max(meta.partition + 1);
+            max_batch = max_batch.max(meta.seq + 1);
+            max_partition = max_partition.max(meta.partition + 1);
         }
-        for item in log.records.iter() {
+        let dir = segment_dir(spool_dir, name);
+        let mut live: HashMap<u64, u64> = HashMap::new();
+        let mut open: BTreeMap<u64, OpenPartition> = BTreeMap::new();
+        let mut max_seq = stored_seq;
+        for item in chunks.iter() {
             let (k, v) = item?;
-            let (partition, seq) = split_record_key(&k);
-            log.next_seq = log.next_seq.max(seq + 1);
-            log.next_partition = log.next_partition.max(partition + 1);
+            let (partition, seq, r) = decode_ref(&k, &v)?;
+            *live.entry(r.segment).or_default() += 1;
+            max_seq = max_seq.max(seq + r.count as u64);
+            max_partition = max_partition.max(partition + 1);
             if seq < sealed_until.get(&partition).copied().unwrap_or(0) {
                 continue;
             }
-            let p = log.open.entry(partition).or_insert_with(|| OpenPartition {
-                // A record that no longer decodes is quarantined when its
-                // batch is sealed; until then it sits in a partition of its own.
-                prefix: record::decode(&v)
-                    .map(|e| (spec.partition_of)(&e))
-                    .unwrap_or_default(),
-                unsealed_from: seq,
-                records: 0,
-                bytes: 0,
-                oldest_ms: record::timestamp(&v),
-            });
-            p.records += 1;
-            p.bytes += v.len() as u64;
+            let p = match open.entry(partition) {
+                std::collections::btree_map::Entry::Occupied(p) => p.into_mut(),
+                std::collections::btree_map::Entry::Vacant(slot) => {
+                    // A chunk that no longer reads is quarantined when its
+                    // batch is sealed; until then it sits in a partition of its own.
+                    let prefix = match read_chunk(&dir, &r)? {
+                        Chunk::Events(events) => events
+                            .first()
+                            .map(|e| (spec.partition_of)(e))
+                            .unwrap_or_default(),
+                        Chunk::Damaged { .. } => format!("\u{0}damaged-{partition}"),
+                    };
+                    slot.insert(OpenPartition {
+                        prefix,
+                        unsealed_from: seq,
+                        records: 0,
+                        bytes: 0,
+                        oldest_ms: Some(r.first_ts),
+                    })
+                }
+            };
+            p.records += r.count as u64;
+            p.bytes += r.bytes;
         }
-        for (&id, p) in &log.open {
+        let segments =
+            Segments::open(&dir, live).map_err(|e| SpoolError::Storage(sled::Error::Io(e)))?;
+        let mut log = SinkLog::new(
+            name,
+            chunks,
+            batches,
+            spec.partition_of.clone(),
+            max_seq.max(floor.next_seq),
+            max_batch,
+            segments,
+        );
+        log.recovered_seq = max_seq;
+        log.next_partition = max_partition;
+        for (&id, p) in &open {
             log.by_prefix.insert(p.prefix.clone(), id);
         }
+        log.open = open;
+        log.stats.sealed_batches = sealed_batches;
+        log.stats.sealed_bytes = sealed_bytes;
         log.refresh_stats();
         Ok(log)
     }
@@ -289,7 +308,6 @@ impl SpoolState {
         })
     }
 
-    /// Stores `events` for every sink in `sinks`, applying the full policy.
     /// Stores each group's events for each of its sinks, all or nothing,
     /// applying the full policy to the total.
     pub fn append(
@@ -297,16 +315,14 @@ impl SpoolState {
         groups: &[(Vec<usize>, Vec<Event>)],
         marks: &[Mark],
     ) -> Result<AppendOutcome, SpoolError> {
-        let encoded: Vec<Vec<Vec<u8>>> = groups
+        let lens: Vec<Vec<u64>> = groups
             .iter()
-            .map(|(_, events)| events.iter().map(record::encode).collect())
+            .map(|(_, events)| events.iter().map(encoded_len).collect())
             .collect();
         let need: u64 = groups
             .iter()
-            .zip(&encoded)
-            .map(|((sinks, _), raws)| {
-                raws.iter().map(|r| r.len() as u64).sum::<u64>() * sinks.len() as u64
-            })
+            .zip(&lens)
+            .map(|((sinks, _), lens)| lens.iter().sum::<u64>() * sinks.len() as u64)
             .sum();
         let count: usize = groups.iter().map(|(_, events)| events.len()).sum();
         let mut outcome = AppendOutcome::default();
@@ -335,26 +351,45 @@ impl SpoolState {
                 }
             }
         }
-        for ((sinks, events), raws) in groups.iter().zip(&encoded) {
+        for ((sinks, events), lens) in groups.iter().zip(&lens) {
             for &sink in sinks {
                 let log = &mut self.sinks[sink];
-                let mut batch = sled::Batch::default();
-                for (event, raw) in events.iter().zip(raws) {
-                    let partition = log.partition_for(event);
-                    batch.insert(&record_key(partition, log.next_seq), raw.as_slice());
-                    log.next_seq += 1;
-                    let p = log.open.get_mut(&partition).expect("just opened");
-                    p.records += 1;
-                    p.bytes += raw.len() as u64;
-                    p.oldest_ms.get_or_insert(event.ts_ms);
+                for (event, &len) in events.iter().zip(lens) {
+                    log.add(event, len);
                 }
-                log.records.apply_batch(batch)?;
                 log.refresh_stats();
+            }
+        }
+        self.marks.extend_from_slice(marks);
+        self.bytes += need;
+        outcome.stored = count;
+        Ok(outcome)
+    }
+
+    /// Writes this group's chunks, chunk references and marks. The caller
+    /// then syncs ([`SpoolState::sync_segments`]) and flushes sled.
+    pub fn write_pending(&mut self) -> Result<(), SpoolError> {
+        let written = self.write_pending_unchecked();
+        if let Err(e) = &written {
+            self.failed.get_or_insert_with(|| e.to_string());
+        }
+        written
+    }
+
+    /// Set once writing a group's chunks failed; sled and the segments are
+    /// then behind memory, and only a reopen sets that right.
+    pub fn failed(&self) -> Option<String> {
+        self.failed.clone()
+    }
+
+    fn write_pending_unchecked(&mut self) -> Result<(), SpoolError> {
+        for log in &mut self.sinks {
+            if log.write_runs()? {
                 self.meta
                     .insert(format!("next_seq/{}", log.name), &be(log.next_seq))?;
             }
         }
-        for mark in marks {
+        for mark in std::mem::take(&mut self.marks) {
             let tree = self.db.open_tree(&mark.tree)?;
             if mark.value.is_empty() {
                 tree.remove(&mark.key)?;
@@ -362,14 +397,26 @@ impl SpoolState {
                 tree.insert(&mark.key, mark.value.as_slice())?;
             }
         }
-        self.bytes += need;
-        outcome.stored = count;
-        Ok(outcome)
+        Ok(())
     }
 
-    /// Removes the globally oldest unsealed records until `want` bytes are
+    /// Fsyncs every segment written since the last call: before sled's
+    /// flush, so no reference is durable before its chunk.
+    pub fn sync_segments(&mut self) -> std::io::Result<()> {
+        self.sinks.iter_mut().try_for_each(|l| l.segments.sync())
+    }
+
+    /// Deletes segments the now durable commit left unreferenced.
+    pub fn remove_doomed(&mut self) {
+        self.sinks
+            .iter_mut()
+            .for_each(|l| l.segments.remove_doomed());
+    }
+
+    /// Removes the globally oldest unsealed chunks until `want` bytes are
     /// free. Sealed batches are never touched: their objects may be mid-upload.
     fn drop_oldest(&mut self, want: u64) -> Result<(u64, u64), SpoolError> {
+        self.write_pending()?;
         let mut freed = 0;
         let mut dropped = 0;
         while freed < want {
@@ -386,28 +433,15 @@ impl SpoolState {
                 break;
             };
             let from = log.open[&partition].unsealed_from;
-            let Some((k, v)) = log
-                .records
-                .range(record_key(partition, from)..=record_key(partition, u64::MAX))
-                .next()
-                .transpose()?
-            else {
+            let Some((seq, r)) = log.refs_from(partition, from).next().transpose()? else {
                 log.close_partition(partition);
                 continue;
             };
-            log.records.remove(&k)?;
-            let next = log.peek(partition, split_record_key(&k).1 + 1)?;
-            let p = log.open.get_mut(&partition).expect("chosen above");
-            p.unsealed_from = split_record_key(&k).1 + 1;
-            p.records -= 1;
-            p.bytes -= v.len() as u64;
-            p.oldest_ms = next;
-            if p.records == 0 {
-                log.close_partition(partition);
-            }
+            log.remove_ref(partition, seq, &r)?;
+            log.take_front(partition, seq + r.count as u64, r.count as u64, r.bytes)?;
             log.refresh_stats();
-            freed += v.len() as u64;
-            dropped += 1;
+            freed += r.bytes;
+            dropped += r.count as u64;
         }
         self.bytes -= freed;
         Ok((dropped, freed))
@@ -422,42 +456,63 @@ impl SpoolState {
         key: impl FnOnce(&Event, u64) -> String,
         now_ms: i64,
     ) -> Result<Option<(BatchMeta, Vec<Event>)>, SpoolError> {
+        self.write_pending()?;
         let log = &mut self.sinks[sink];
         let Some(partition) = log.pick(rule, now_ms) else {
             return Ok(None);
         };
         let from = log.open[&partition].unsealed_from;
         let mut events = Vec::new();
-        let (mut count, mut bytes, mut last) = (0u64, 0u64, None);
-        let mut quarantined = Vec::new();
-        let range = record_key(partition, from)..=record_key(partition, u64::MAX);
-        for item in log.records.range(range) {
-            let (k, v) = item?;
-            if count > 0 && (count >= rule.max_records || bytes + v.len() as u64 > rule.max_bytes) {
+        let (mut count, mut bytes, mut next) = (0u64, 0u64, from);
+        let mut split = None;
+        let refs: Vec<(u64, super::chunk::ChunkRef)> =
+            log.refs_from(partition, from).collect::<Result<_, _>>()?;
+        'refs: for (seq, r) in refs {
+            let full = |count: u64, bytes: u64, len: u64| {
+                count > 0 && (count >= rule.max_records || bytes + len > rule.max_bytes)
+            };
+            if full(count, bytes, 0) {
                 break;
             }
-            let seq = split_record_key(&k).1;
-            count += 1;
-            bytes += v.len() as u64;
-            last = Some(seq);
-            match record::decode(&v) {
-                Ok(e) => events.push(e),
-                Err(err) => quarantined.push((seq, err, v.to_vec())),
+            match read_chunk(log.segments.dir(), &r)? {
+                Chunk::Damaged { detail, raw } => {
+                    quarantine(&self.quarantine, &log.name, seq, &detail, &raw);
+                    count += r.count as u64;
+                    bytes += r.bytes;
+                }
+                Chunk::Events(chunk) => {
+                    let mut taken_bytes = 0;
+                    for (i, e) in chunk.into_iter().enumerate() {
+                        let len = encoded_len(&e);
+                        if full(count, bytes, len) {
+                            if i > 0 {
+                                split = Some((seq, r, i as u32, taken_bytes, e.ts_ms));
+                            }
+                            next = seq + i as u64;
+                            break 'refs;
+                        }
+                        count += 1;
+                        bytes += len;
+                        taken_bytes += len;
+                        events.push(e);
+                    }
+                }
             }
+            next = seq + r.count as u64;
         }
-        let Some(last) = last else {
+        if count == 0 {
             log.close_partition(partition);
             log.refresh_stats();
             return Ok(None);
-        };
-        for (seq, err, raw) in quarantined {
-            quarantine(&self.quarantine, &log.name, seq, &err, &raw);
+        }
+        if let Some((seq, r, keep, kept_bytes, next_ts)) = split {
+            log.split_ref(partition, seq, &r, keep, kept_bytes, next_ts)?;
         }
         let meta = BatchMeta {
             seq: log.next_batch,
             partition,
             first: from,
-            last,
+            last: next - 1,
             key: match events.first() {
                 Some(first) => key(first, log.next_batch),
                 None => key(&Event::new(now_ms, "", Vec::new()), log.next_batch),
@@ -471,15 +526,7 @@ impl SpoolState {
         log.next_batch += 1;
         self.meta
             .insert(format!("next_batch/{}", log.name), &be(log.next_batch))?;
-        let next = log.peek(partition, last + 1)?;
-        let p = log.open.get_mut(&partition).expect("picked above");
-        p.unsealed_from = last + 1;
-        p.records -= count;
-        p.bytes -= bytes;
-        p.oldest_ms = next;
-        if p.records == 0 {
-            log.close_partition(partition);
-        }
+        log.take_front(partition, next, count, bytes)?;
         log.stats.sealed_batches += 1;
         log.stats.sealed_bytes += bytes;
         log.refresh_stats();
@@ -488,6 +535,7 @@ impl SpoolState {
 
     /// Forgets a batch whose object is confirmed written, and its records.
     pub fn complete(&mut self, sink: usize, batch: &BatchMeta) -> Result<(), SpoolError> {
+        self.write_pending()?;
         let log = &mut self.sinks[sink];
         if !log.batches.contains_key(be(batch.seq))? {
             return Ok(());
@@ -495,13 +543,13 @@ impl SpoolState {
         // Records go before the batch: a crash in between leaves a batch
         // with records missing, which the batcher recognises as uploaded
         // (see `LoadedBatch::missing`) instead of re-batching leftovers.
-        let mut remove = sled::Batch::default();
-        let range =
-            record_key(batch.partition, batch.first)..=record_key(batch.partition, batch.last);
-        for item in log.records.range(range) {
-            remove.remove(item?.0);
+        let refs: Vec<_> = log
+            .refs_from(batch.partition, batch.first)
+            .take_while(|item| item.as_ref().map_or(true, |(seq, _)| *seq <= batch.last))
+            .collect::<Result<_, _>>()?;
+        for (seq, r) in refs {
+            log.remove_ref(batch.partition, seq, &r)?;
         }
-        log.records.apply_batch(remove)?;
         log.batches.remove(be(batch.seq))?;
         log.stats.sealed_batches -= 1;
         log.stats.sealed_bytes -= batch.bytes;
@@ -519,128 +567,28 @@ impl SpoolState {
             })
             .collect()
     }
-}
 
-impl SinkLog {
-    /// The open partition `event` belongs to, opened if needed.
-    fn partition_for(&mut self, event: &Event) -> u64 {
-        let prefix = (self.partition_of)(event);
-        if let Some(&id) = self.by_prefix.get(&prefix) {
-            return id;
-        }
-        let id = self.next_partition;
-        self.next_partition += 1;
-        self.open.insert(
-            id,
-            OpenPartition {
-                prefix: prefix.clone(),
-                unsealed_from: self.next_seq,
-                records: 0,
-                bytes: 0,
-                oldest_ms: None,
-            },
-        );
-        self.by_prefix.insert(prefix, id);
-        id
-    }
-
-    fn close_partition(&mut self, id: u64) {
-        if let Some(p) = self.open.remove(&id)
-            && self.by_prefix.get(&p.prefix) == Some(&id)
-        {
-            self.by_prefix.remove(&p.prefix);
-        }
-    }
-
-    fn oldest_partition(&self) -> Option<(u64, i64)> {
-        self.open
-            .iter()
-            .map(|(&id, p)| (id, p.oldest_ms.unwrap_or(i64::MIN)))
-            .min_by_key(|&(_, oldest)| oldest)
-    }
-
-    /// A full partition first; otherwise the oldest one, if it is old
-    /// enough, there are too many open, or `force`.
-    fn pick(&self, rule: &SealRule, now_ms: i64) -> Option<u64> {
-        let full = self
-            .open
-            .iter()
-            .find(|(_, p)| p.records >= rule.max_records || p.bytes >= rule.max_bytes);
-        if let Some((&id, _)) = full {
-            return Some(id);
-        }
-        let (id, oldest) = self.oldest_partition()?;
-        let due = rule.force
-            || self.open.len() > rule.max_partitions
-            || now_ms.saturating_sub(oldest) >= rule.max_age_ms;
-        due.then_some(id)
-    }
-
-    /// Timestamp of the first record of `partition` at or after `seq`.
-    fn peek(&self, partition: u64, seq: u64) -> Result<Option<i64>, SpoolError> {
-        Ok(self
-            .records
-            .range(record_key(partition, seq)..=record_key(partition, u64::MAX))
-            .next()
-            .transpose()?
-            .and_then(|(_, v)| record::timestamp(&v)))
-    }
-
-    fn refresh_stats(&mut self) {
-        let s = &mut self.stats;
-        s.partitions = self.open.len();
-        s.unsealed_records = self.open.values().map(|p| p.records).sum();
-        s.unsealed_bytes = self.open.values().map(|p| p.bytes).sum();
-        s.oldest_unsealed_ms = self.open.values().filter_map(|p| p.oldest_ms).min();
-        s.fullest_records = self.open.values().map(|p| p.records).max().unwrap_or(0);
-        s.fullest_bytes = self.open.values().map(|p| p.bytes).max().unwrap_or(0);
-    }
-}
-
-/// A sealed batch read back from disk.
-#[derive(Debug)]
-pub struct LoadedBatch {
-    pub events: Vec<Event>,
-    /// Records of the range no longer in the spool. Only `complete` removes
-    /// records of a sealed batch, and only after the upload was confirmed,
-    /// so a batch with missing records was uploaded before a crash.
-    pub missing: u64,
-}
-
-pub(super) fn load_batch(
-    records: &sled::Tree,
-    sink: &str,
-    batch: &BatchMeta,
-    quarantine_dir: &Path,
-) -> Result<LoadedBatch, SpoolError> {
-    let mut events = Vec::with_capacity(batch.records as usize);
-    let mut found = 0;
-    let range = record_key(batch.partition, batch.first)..=record_key(batch.partition, batch.last);
-    for item in records.range(range) {
-        let (k, v) = item?;
-        found += 1;
-        match record::decode(&v) {
-            Ok(e) => events.push(e),
-            Err(err) => quarantine(quarantine_dir, sink, split_record_key(&k).1, &err, &v),
-        }
-    }
-    Ok(LoadedBatch {
-        events,
-        missing: batch.count.saturating_sub(found),
-    })
-}
-
-impl SpoolState {
-    /// The next record sequence of every sink: how far each log has got.
-    pub fn next_seqs(&self) -> std::collections::BTreeMap<String, u64> {
+    /// `next_seq` per sink as the files held it on open, before the
+    /// watermark's floor was applied.
+    pub fn recovered(&self) -> BTreeMap<String, u64> {
         self.sinks
             .iter()
-            .map(|l| (l.name.clone(), l.next_seq))
+            .map(|l| (l.name.clone(), l.recovered_seq))
             .collect()
     }
 
-    pub fn records_tree(&self, sink: usize) -> sled::Tree {
-        self.sinks[sink].records.clone()
+    /// How far every sink's log has got.
+    pub fn reached(&self) -> BTreeMap<String, Reached> {
+        self.sinks
+            .iter()
+            .map(|l| {
+                let reached = Reached {
+                    next_seq: l.next_seq,
+                    next_batch: l.next_batch,
+                };
+                (l.name.clone(), reached)
+            })
+            .collect()
     }
 }
 
@@ -658,26 +606,4 @@ pub(super) fn decode_meta(raw: &[u8]) -> Result<BatchMeta, String> {
         return Err("checksum mismatch".into());
     }
     serde_json::from_slice(json).map_err(|e| e.to_string())
-}
-
-fn quarantine_raw(dir: &Path, name: &str, raw: &[u8]) {
-    let path = dir.join(name);
-    if let Err(e) = std::fs::create_dir_all(dir).and_then(|_| std::fs::write(&path, raw)) {
-        tracing::warn!(path = %path.display(), error = %e, "writing a quarantine file failed");
-    }
-}
-
-/// Keeps a record that failed its checksum where a person can look at it,
-/// instead of uploading garbage or refusing to start.
-fn quarantine(dir: &Path, sink: &str, seq: u64, err: &record::DecodeError, raw: &[u8]) {
-    let path = dir.join(format!("{sink}-{seq:020}.bin"));
-    let written = std::fs::create_dir_all(dir).and_then(|_| std::fs::write(&path, raw));
-    match written {
-        Ok(()) => {
-            tracing::warn!(sink, seq, error = %err, path = %path.display(), "corrupt spool record quarantined")
-        }
-        Err(io) => {
-            tracing::warn!(sink, seq, error = %err, io = %io, "corrupt spool record skipped; writing the quarantine file failed")
-        }
-    }
 }

@@ -69,7 +69,7 @@ async fn seal_all(spool: &Spool, sink: SinkId) -> Option<(BatchMeta, Vec<Event>)
 #[test]
 fn block_policy_refuses_when_full_and_accepts_after_upload() {
     let dir = tempfile::tempdir().unwrap();
-    let one = encode(&ev(0, &[0; 100])).len() as u64;
+    let one = encoded_len(&ev(0, &[0; 100]));
     let spool = Spool::open(dir.path(), &sinks(), &config(one * 3, WhenFull::Block)).unwrap();
     rt().block_on(async {
         let out = spool
@@ -97,7 +97,7 @@ fn block_policy_refuses_when_full_and_accepts_after_upload() {
 #[test]
 fn drop_newest_counts_and_keeps_what_was_there() {
     let dir = tempfile::tempdir().unwrap();
-    let one = encode(&ev(0, &[0; 100])).len() as u64;
+    let one = encoded_len(&ev(0, &[0; 100]));
     let spool = Spool::open(dir.path(), &sinks(), &config(one * 2, WhenFull::DropNewest)).unwrap();
     rt().block_on(async {
         spool
@@ -115,7 +115,7 @@ fn drop_newest_counts_and_keeps_what_was_there() {
 #[test]
 fn drop_oldest_removes_the_oldest_unsealed_records_across_sinks() {
     let dir = tempfile::tempdir().unwrap();
-    let one = encode(&ev(0, &[0; 100])).len() as u64;
+    let one = encoded_len(&ev(0, &[0; 100]));
     let spool = Spool::open(dir.path(), &sinks(), &config(one * 3, WhenFull::DropOldest)).unwrap();
     rt().block_on(async {
         spool.append(&[1], vec![ev(1, &[0; 100])]).await.unwrap();
@@ -140,22 +140,25 @@ fn drop_oldest_removes_the_oldest_unsealed_records_across_sinks() {
 }
 
 #[test]
-fn corrupt_record_is_quarantined_and_the_rest_is_kept() {
+fn corrupt_chunk_is_quarantined_and_the_rest_is_kept() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(dir.path(), &sinks(), &config(1 << 30, WhenFull::Block)).unwrap();
     rt().block_on(async {
-        spool
-            .append(&[0], vec![ev(1, b"one"), ev(2, b"two"), ev(3, b"three")])
-            .await
-            .unwrap();
+        for (ts, payload) in [(1, &b"one"[..]), (2, b"two"), (3, b"three")] {
+            spool.append(&[0], vec![ev(ts, payload)]).await.unwrap();
+        }
     });
-    let tree = spool.shared.sinks[0].records.clone();
-    let (key, value) = tree.iter().nth(1).unwrap().unwrap();
-    let mut bad = value.to_vec();
-    let last = bad.len() - 1;
-    bad[last] ^= 0xff;
-    tree.insert(key, bad).unwrap();
-    drop(tree);
+    let (key, value) = spool.shared.sinks[0].chunks.iter().nth(1).unwrap().unwrap();
+    let (_, _, r) = sink_log::decode_ref(&key, &value).unwrap();
+    let segment = std::fs::read_dir(&spool.shared.sinks[0].segments)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut raw = std::fs::read(&segment).unwrap();
+    raw[(r.offset + r.len as u64 - 1) as usize] ^= 0xff;
+    std::fs::write(&segment, raw).unwrap();
     spool.close().unwrap();
 
     let spool = Spool::open(dir.path(), &sinks(), &config(1 << 30, WhenFull::Block)).unwrap();
@@ -163,7 +166,7 @@ fn corrupt_record_is_quarantined_and_the_rest_is_kept() {
         let (meta, events) = seal_all(&spool, 0).await.unwrap();
         let payloads: Vec<&[u8]> = events.iter().map(|e| e.payload.as_ref()).collect();
         assert_eq!(payloads, [b"one".as_slice(), b"three".as_slice()]);
-        assert_eq!(meta.records, 2);
+        assert_eq!((meta.records, meta.count), (2, 3));
         spool.complete(0, meta).await.unwrap();
     });
     let quarantined: Vec<_> = std::fs::read_dir(dir.path().join("quarantine"))
@@ -198,6 +201,11 @@ enum Op {
     Complete {
         sink: SinkId,
     },
+    /// Several appends in flight at once, so one group commit gathers them
+    /// (runs of several partitions and sinks in one chunk write).
+    AppendConcurrent {
+        appends: Vec<(Vec<SinkId>, Vec<Vec<u8>>)>,
+    },
     Reopen,
 }
 
@@ -208,6 +216,14 @@ fn op() -> impl Strategy<Value = Op> {
             prop::collection::vec(prop::collection::vec(any::<u8>(), 0..48), 1..6)
         )
             .prop_map(|(sinks, payloads)| Op::Append { sinks, payloads }),
+        1 => prop::collection::vec(
+            (
+                prop_oneof![Just(vec![0]), Just(vec![1]), Just(vec![0, 1])],
+                prop::collection::vec(prop::collection::vec(any::<u8>(), 0..48), 1..4)
+            ),
+            2..5
+        )
+            .prop_map(|appends| Op::AppendConcurrent { appends }),
         2 => (0..2usize, 1..6u64).prop_map(|(sink, max_records)| Op::Seal { sink, max_records }),
         2 => (0..2usize).prop_map(|sink| Op::Complete { sink }),
         1 => Just(Op::Reopen),
@@ -266,7 +282,7 @@ fn check(spool: &Spool, model: &[ModelSink]) {
             "unsealed records of sink {sink}"
         );
         assert_eq!(stats.partitions, m.unsealed.len());
-        let unsealed_bytes: u64 = m.unsealed_events().map(|e| encode(e).len() as u64).sum();
+        let unsealed_bytes: u64 = m.unsealed_events().map(|e| encoded_len(e)).sum();
         assert_eq!(
             stats.unsealed_bytes, unsealed_bytes,
             "unsealed bytes of sink {sink}"
@@ -295,7 +311,7 @@ fn check(spool: &Spool, model: &[ModelSink]) {
             m.unsealed_events()
                 .chain(m.sealed.iter().flat_map(|(_, e)| e))
         })
-        .map(|e| encode(e).len() as u64)
+        .map(|e| encoded_len(e))
         .sum();
     assert_eq!(spool.bytes(), total);
 }
@@ -324,6 +340,25 @@ proptest! {
                     for s in sinks {
                         for e in &events {
                             model[s].append(partition_of(s, e), e.clone());
+                        }
+                    }
+                }
+                Op::AppendConcurrent { appends } => {
+                    let batches: Vec<(Vec<SinkId>, Vec<Event>)> = appends
+                        .iter()
+                        .map(|(sinks, payloads)| {
+                            (sinks.clone(), payloads.iter().map(|p| { ts += 1; ev(ts, p) }).collect())
+                        })
+                        .collect();
+                    let outs = rt.block_on(futures::future::join_all(
+                        batches.iter().map(|(sinks, events)| spool.append(sinks, events.clone())),
+                    ));
+                    for ((sinks, events), out) in batches.iter().zip(outs) {
+                        prop_assert_eq!(out.unwrap().stored, events.len());
+                        for &s in sinks {
+                            for e in events {
+                                model[s].append(partition_of(s, e), e.clone());
+                            }
                         }
                     }
                 }
@@ -402,4 +437,32 @@ fn partitions_seal_separately_and_the_cap_closes_the_oldest() {
         let (_, events) = spool.seal(0, full, key).await.unwrap().unwrap();
         assert_eq!(events.len(), 1);
     });
+}
+
+#[test]
+fn large_events_and_many_chunks_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), &sinks(), &config(1 << 30, WhenFull::Block)).unwrap();
+    let big = vec![7u8; 300 * 1024];
+    rt().block_on(async {
+        let events: Vec<Event> = (0..8).map(|i| ev(i, &big)).collect();
+        spool.append(&[0], events.clone()).await.unwrap();
+        let (meta, sealed) = spool
+            .seal(0, forced(3), |_, seq| format!("k{seq}"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(sealed, events[..3]);
+        assert_eq!(spool.load_batch(0, &meta).unwrap().events, events[..3]);
+        spool.complete(0, meta).await.unwrap();
+        let (_, rest) = seal_all(&spool, 0).await.unwrap();
+        assert_eq!(rest, events[3..]);
+    });
+    assert!(
+        !dir.path()
+            .join("spool/blobs")
+            .read_dir()
+            .is_ok_and(|mut d| d.next().is_some()),
+        "sled wrote blob files"
+    );
 }
