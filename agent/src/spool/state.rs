@@ -433,10 +433,26 @@ impl SpoolState {
                 break;
             };
             let from = log.open[&partition].unsealed_from;
-            let Some((seq, r)) = log.refs_from(partition, from).next().transpose()? else {
+            let Some((seq, mut r)) = log.refs_from(partition, from).next().transpose()? else {
                 log.close_partition(partition);
                 continue;
             };
+            // Drop no more of a chunk than needed: split off its head.
+            if r.bytes > want - freed
+                && let Chunk::Events(events) = read_chunk(log.segments.dir(), &r)?
+            {
+                let (mut keep, mut bytes) = (0, 0);
+                while bytes < want - freed {
+                    bytes += encoded_len(&events[keep]);
+                    keep += 1;
+                }
+                if keep < events.len() {
+                    let next_ts = events[keep].ts_ms;
+                    log.split_ref(partition, seq, &r, keep as u32, bytes, next_ts)?;
+                    r.count = keep as u32;
+                    r.bytes = bytes;
+                }
+            }
             log.remove_ref(partition, seq, &r)?;
             log.take_front(partition, seq + r.count as u64, r.count as u64, r.bytes)?;
             log.refresh_stats();
