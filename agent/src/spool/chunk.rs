@@ -83,10 +83,19 @@ pub fn encode_chunk(events: &[Event]) -> Vec<u8> {
 }
 
 pub fn decode_chunk(raw: &[u8]) -> Result<Vec<Event>, DecodeError> {
+    decode(raw, None)
+}
+
+/// [`decode_chunk`] whose payloads are slices of `raw`, not copies.
+pub fn decode_chunk_shared(raw: &Bytes) -> Result<Vec<Event>, DecodeError> {
+    decode(raw, Some(raw))
+}
+
+fn decode(raw: &[u8], owner: Option<&Bytes>) -> Result<Vec<Event>, DecodeError> {
     let body = checked(raw, VERSION)?;
     let (count, body) = body.split_at(4);
     let count = u32::from_le_bytes(count.try_into().expect("4 bytes"));
-    let mut r = Reader { buf: body };
+    let mut r = Reader { buf: body, owner };
     // Every event takes at least 24 bytes: a count beyond that is damage.
     let mut events = Vec::with_capacity((count as usize).min(body.len() / 24));
     for _ in 0..count {
@@ -100,6 +109,7 @@ pub fn decode_chunk(raw: &[u8]) -> Result<Vec<Event>, DecodeError> {
 pub fn decode_legacy(raw: &[u8]) -> Result<Event, DecodeError> {
     let mut r = Reader {
         buf: checked(raw, LEGACY_VERSION)?,
+        owner: None,
     };
     let event = r.event()?;
     r.done()?;
@@ -130,6 +140,8 @@ fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
 
 struct Reader<'a> {
     buf: &'a [u8],
+    /// The buffer `buf` lies in, when payloads may share it.
+    owner: Option<&'a Bytes>,
 }
 
 impl<'a> Reader<'a> {
@@ -170,7 +182,11 @@ impl<'a> Reader<'a> {
                 self.string("attribute value")?,
             ));
         }
-        let payload = Bytes::copy_from_slice(self.bytes("payload")?);
+        let payload = self.bytes("payload")?;
+        let payload = match self.owner {
+            Some(owner) => owner.slice_ref(payload),
+            None => Bytes::copy_from_slice(payload),
+        };
         Ok(Event {
             ts_ms,
             topic,
@@ -257,6 +273,7 @@ mod tests {
         let events = vec![sample(0), sample(1), Event::new(5, "", Vec::new())];
         let raw = encode_chunk(&events);
         assert_eq!(decode_chunk(&raw).unwrap(), events);
+        assert_eq!(decode_chunk_shared(&Bytes::from(raw.clone())).unwrap(), events);
         let body: u64 = events.iter().map(encoded_len).sum();
         assert_eq!(raw.len() as u64, HEADER as u64 + body);
     }

@@ -100,7 +100,8 @@ pub(super) fn read_chunk(dir: &Path, r: &ChunkRef) -> Result<Chunk, SpoolError> 
         }
         Err(e) => return Err(SpoolError::Storage(sled::Error::Io(e))),
     };
-    let selected = chunk::decode_chunk(&raw).and_then(|events| {
+    let raw = bytes::Bytes::from(raw);
+    let selected = chunk::decode_chunk_shared(&raw).and_then(|events| {
         let (from, to) = (r.skip as usize, (r.skip + r.count) as usize);
         if to > events.len() {
             return Err(DecodeError::Truncated("chunk reference"));
@@ -111,7 +112,7 @@ pub(super) fn read_chunk(dir: &Path, r: &ChunkRef) -> Result<Chunk, SpoolError> 
         Ok(events) => Chunk::Events(events),
         Err(e) => Chunk::Damaged {
             detail: e.to_string(),
-            raw,
+            raw: raw.to_vec(),
         },
     })
 }
