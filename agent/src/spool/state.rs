@@ -19,7 +19,9 @@ use serde::{Deserialize, Serialize};
 use super::SpoolError;
 use super::chunk::encoded_len;
 use super::segments::Segments;
-use super::sink_log::{Chunk, OpenPartition, SinkLog, decode_ref, quarantine, read_chunk};
+use super::sink_log::{
+    Chunk, OpenPartition, SinkLog, decode_ref, quarantine, read_chunk, record_key,
+};
 use crate::config::WhenFull;
 use crate::event::Event;
 
@@ -481,16 +483,20 @@ impl SpoolState {
         let mut events = Vec::new();
         let (mut count, mut bytes, mut next) = (0u64, 0u64, from);
         let mut split = None;
-        let refs: Vec<(u64, super::chunk::ChunkRef)> =
-            log.refs_from(partition, from).collect::<Result<_, _>>()?;
-        'refs: for (seq, r) in refs {
+        // Read lazily: a partition may hold a backlog of thousands of chunks.
+        let dir = log.segments.dir().to_path_buf();
+        let chunks = log.chunks.clone();
+        let range = record_key(partition, from)..=record_key(partition, u64::MAX);
+        'refs: for item in chunks.range(range) {
+            let (k, v) = item?;
+            let (_, seq, r) = decode_ref(&k, &v)?;
             let full = |count: u64, bytes: u64, len: u64| {
                 count > 0 && (count >= rule.max_records || bytes + len > rule.max_bytes)
             };
             if full(count, bytes, 0) {
                 break;
             }
-            match read_chunk(log.segments.dir(), &r)? {
+            match read_chunk(&dir, &r)? {
                 Chunk::Damaged { detail, raw } => {
                     quarantine(&self.quarantine, &log.name, seq, &detail, &raw);
                     count += r.count as u64;
