@@ -13,6 +13,7 @@ pub mod check;
 pub mod config;
 pub mod http;
 pub mod lake;
+pub mod lazyfs;
 pub mod media;
 pub mod mqtt;
 pub mod payload;
