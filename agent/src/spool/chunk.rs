@@ -273,7 +273,10 @@ mod tests {
         let events = vec![sample(0), sample(1), Event::new(5, "", Vec::new())];
         let raw = encode_chunk(&events);
         assert_eq!(decode_chunk(&raw).unwrap(), events);
-        assert_eq!(decode_chunk_shared(&Bytes::from(raw.clone())).unwrap(), events);
+        assert_eq!(
+            decode_chunk_shared(&Bytes::from(raw.clone())).unwrap(),
+            events
+        );
         let body: u64 = events.iter().map(encoded_len).sum();
         assert_eq!(raw.len() as u64, HEADER as u64 + body);
     }
