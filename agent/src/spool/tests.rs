@@ -282,7 +282,7 @@ fn check(spool: &Spool, model: &[ModelSink]) {
             "unsealed records of sink {sink}"
         );
         assert_eq!(stats.partitions, m.unsealed.len());
-        let unsealed_bytes: u64 = m.unsealed_events().map(|e| encoded_len(e)).sum();
+        let unsealed_bytes: u64 = m.unsealed_events().map(encoded_len).sum();
         assert_eq!(
             stats.unsealed_bytes, unsealed_bytes,
             "unsealed bytes of sink {sink}"
@@ -311,7 +311,7 @@ fn check(spool: &Spool, model: &[ModelSink]) {
             m.unsealed_events()
                 .chain(m.sealed.iter().flat_map(|(_, e)| e))
         })
-        .map(|e| encoded_len(e))
+        .map(encoded_len)
         .sum();
     assert_eq!(spool.bytes(), total);
 }
