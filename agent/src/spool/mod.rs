@@ -177,10 +177,14 @@ impl Spool {
             other => other?,
         };
         let lost = watermark::report_lost(&floor, &state.recovered());
-        let db_file = std::fs::File::open(path.join("db")).map_err(|source| SpoolError::Open {
-            path: path.clone(),
-            source: sled::Error::Io(source),
-        })?;
+        // sled may just have created its directory and files.
+        let db_file = segments::sync_dir(&path)
+            .and_then(|_| segments::sync_dir(dir))
+            .and_then(|_| std::fs::File::open(path.join("db")))
+            .map_err(|source| SpoolError::Open {
+                path: path.clone(),
+                source: sled::Error::Io(source),
+            })?;
         let mut shared_sinks = Vec::new();
         for (i, log) in state.sinks.iter().enumerate() {
             shared_sinks.push(SinkShared {
