@@ -102,6 +102,28 @@ pub struct ObjectInfo {
     pub metadata: Vec<(String, String)>,
 }
 
+/// Whether two compressed objects hold the same bytes once decompressed:
+/// a batch uploaded by an earlier version (another gzip encoder) before a
+/// crash is the same batch, not a conflict.
+fn same_content(a: &[u8], b: &[u8], encoding: Option<&str>) -> bool {
+    use std::io::Read;
+    let plain = |data: &[u8]| -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        match encoding? {
+            "gzip" => flate2::read::MultiGzDecoder::new(data)
+                .read_to_end(&mut out)
+                .ok()?,
+            "zstd" => zstd::stream::read::Decoder::new(data)
+                .ok()?
+                .read_to_end(&mut out)
+                .ok()?,
+            _ => return None,
+        };
+        Some(out)
+    };
+    matches!((plain(a), plain(b)), (Some(x), Some(y)) if x == y)
+}
+
 impl Sink {
     fn attributes(&self, info: &ObjectInfo) -> Attributes {
         let mut attributes = Attributes::new();
@@ -160,7 +182,7 @@ impl Sink {
                     .bytes()
                     .await
                     .map_err(write_err)?;
-                if existing == body {
+                if existing == body || same_content(&existing, &body, info.content_encoding) {
                     Ok(Written::AlreadyThere)
                 } else {
                     Err(SinkError::Conflict {
@@ -170,5 +192,33 @@ impl Sink {
             }
             Err(source) => Err(write_err(source)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    fn gzip(data: &[u8], level: u32) -> Vec<u8> {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(level));
+        enc.write_all(data).unwrap();
+        enc.finish().unwrap()
+    }
+
+    #[test]
+    fn other_encoder_same_content_is_the_same_object() {
+        let data = b"{\"a\":1}\n".repeat(500);
+        let (fast, best) = (gzip(&data, 1), gzip(&data, 9));
+        assert_ne!(fast, best);
+        assert!(same_content(&fast, &best, Some("gzip")));
+        assert!(!same_content(&fast, &gzip(b"other", 9), Some("gzip")));
+        assert!(
+            !same_content(&fast, &best, None),
+            "plain bytes compare as bytes"
+        );
+        let z = |level| zstd::encode_all(data.as_slice(), level).unwrap();
+        assert!(same_content(&z(1), &z(19), Some("zstd")));
     }
 }
