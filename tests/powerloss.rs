@@ -38,18 +38,16 @@
 
 mod harness;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashSet;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use harness::http::{IngestReq, mixed_requests, spawn_load};
 use harness::lazyfs::{self, LazyFs};
-use harness::mqtt::{Msg, messages};
+use harness::mqtt::{PubOpts, messages, spawn_publisher};
 use harness::payload::{Rng, json_event};
 use harness::*;
-use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 
 const AGENT_ID: &str = "gw-powerloss";
 /// sled's log, relative to the LazyFS mount (`data_dir` is `<mnt>/data`).
@@ -397,12 +395,16 @@ async fn trial_inner(
         }
     }
     let t_load = Instant::now();
-    let (mstop, mh) = spawn_timed_publisher(
+    // The broker acks the rest quickly after the cut; those acks do not count.
+    let (mprogress, mh) = spawn_publisher(
         broker.port,
         &format!("powerloss-pub-{pfx}"),
         msgs,
-        MQTT_RATE,
-        100,
+        PubOpts {
+            inflight: 100,
+            rate: Some(MQTT_RATE),
+            ack_wait: Duration::from_secs(10),
+        },
     );
     let (hp, hh) = spawn_load(
         http::HttpClient::new(http_port, Some(TOKEN)),
@@ -467,7 +469,7 @@ async fn trial_inner(
     unsafe {
         libc::kill(pid as libc::pid_t, libc::SIGSTOP);
     }
-    mstop.store(true, Ordering::Relaxed);
+    mprogress.stop.store(true, Ordering::Relaxed);
     hp.stop.store(true, Ordering::Relaxed);
     if !lazyfs_crashed {
         r.unsynced = fs.unsynced_report().ok().and_then(|t| unsynced_bytes(&t));
@@ -486,7 +488,7 @@ async fn trial_inner(
         hrep.summary(),
         acked_mqtt.len(),
         mrep.sent,
-        mrep.acked_at.iter().flatten().count(),
+        mrep.acked.len(),
         mrep.error
     ));
 
@@ -659,136 +661,4 @@ async fn wait_drained(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-}
-
-// ------------------------------------------------- MQTT publisher, timed acks
-
-/// What [`spawn_timed_publisher`] saw: when each message's PUBACK arrived.
-struct TimedReport {
-    ids: Vec<String>,
-    acked_at: Vec<Option<Instant>>,
-    sent: usize,
-    error: Option<String>,
-}
-
-impl TimedReport {
-    /// Ids whose PUBACK the publisher had processed before `t`.
-    fn acked_before(&self, t: Instant) -> Vec<String> {
-        self.ids
-            .iter()
-            .zip(&self.acked_at)
-            .filter(|(_, a)| a.is_some_and(|a| a < t))
-            .map(|(id, _)| id.clone())
-            .collect()
-    }
-}
-
-#[derive(Default)]
-struct PubState {
-    fifo: VecDeque<usize>,
-    inflight: HashMap<u16, usize>,
-    acked_at: Vec<Option<Instant>>,
-    acked: usize,
-    error: Option<String>,
-    ended: bool,
-}
-
-/// A QoS 1 publisher like `harness::mqtt::publish` (same packet id
-/// bookkeeping), paced at `rate` msg/s until the returned flag is set, that
-/// records the instant each PUBACK was processed: the test counts as
-/// acknowledged only the messages acked before the SIGSTOP.
-fn spawn_timed_publisher(
-    port: u16,
-    client_id: &str,
-    msgs: Vec<Msg>,
-    rate: u32,
-    inflight: u16,
-) -> (Arc<AtomicBool>, tokio::task::JoinHandle<TimedReport>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let cid = client_id.to_string();
-    let h = tokio::spawn(async move {
-        let t0 = Instant::now();
-        let mut mo = MqttOptions::new(cid, "127.0.0.1", port);
-        mo.set_keep_alive(Duration::from_secs(30));
-        mo.set_clean_session(true);
-        mo.set_inflight(inflight.max(1));
-        let (client, mut el) = AsyncClient::new(mo, 256);
-        let st = Arc::new(Mutex::new(PubState {
-            acked_at: vec![None; msgs.len()],
-            ..Default::default()
-        }));
-        let st2 = st.clone();
-        let el_task = tokio::spawn(async move {
-            loop {
-                match el.poll().await {
-                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                        let mut s = st2.lock().unwrap();
-                        if let Some(i) = s.fifo.pop_front() {
-                            s.inflight.insert(pkid, i);
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::PubAck(a))) => {
-                        let now = Instant::now();
-                        let mut s = st2.lock().unwrap();
-                        if let Some(i) = s.inflight.remove(&a.pkid)
-                            && s.acked_at[i].is_none()
-                        {
-                            s.acked_at[i] = Some(now);
-                            s.acked += 1;
-                        }
-                    }
-                    Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
-                    Ok(_) => {}
-                    Err(e) => {
-                        st2.lock().unwrap().error = Some(e.to_string());
-                        break;
-                    }
-                }
-            }
-            st2.lock().unwrap().ended = true;
-            drop(el);
-        });
-        let mut sent = 0usize;
-        for (i, m) in msgs.iter().enumerate() {
-            if stop2.load(Ordering::Relaxed) {
-                break;
-            }
-            let due = t0 + Duration::from_secs_f64(i as f64 / rate.max(1) as f64);
-            if Instant::now() < due {
-                tokio::time::sleep_until(due.into()).await;
-            }
-            st.lock().unwrap().fifo.push_back(i);
-            if client
-                .publish(m.topic.clone(), QoS::AtLeastOnce, false, m.payload.clone())
-                .await
-                .is_err()
-            {
-                st.lock().unwrap().fifo.pop_back();
-                break;
-            }
-            sent += 1;
-        }
-        // The broker acks the rest quickly; those acks come after the cut.
-        let end = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < end {
-            {
-                let s = st.lock().unwrap();
-                if s.ended || s.acked >= sent {
-                    break;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(2), client.disconnect()).await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), el_task).await;
-        let s = st.lock().unwrap();
-        TimedReport {
-            ids: msgs.iter().map(|m| m.id.clone()).collect(),
-            acked_at: s.acked_at.clone(),
-            sent,
-            error: s.error.clone(),
-        }
-    });
-    (stop, h)
 }

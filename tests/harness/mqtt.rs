@@ -88,6 +88,8 @@ pub struct Progress {
 pub struct PubReport {
     /// Ids of the messages the broker PUBACKed.
     pub acked: Vec<String>,
+    /// When the PUBACK of each of `acked` arrived, in the same order.
+    pub acked_at: Vec<Instant>,
     /// Messages handed to the client.
     pub sent: usize,
     /// Why the connection ended early, if it did.
@@ -96,6 +98,16 @@ pub struct PubReport {
 }
 
 impl PubReport {
+    /// Ids whose PUBACK arrived before `t`.
+    pub fn acked_before(&self, t: Instant) -> Vec<String> {
+        self.acked
+            .iter()
+            .zip(&self.acked_at)
+            .filter(|(_, at)| **at < t)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
     pub fn rate(&self) -> f64 {
         self.acked.len() as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
@@ -105,7 +117,8 @@ impl PubReport {
 struct State {
     fifo: VecDeque<usize>,
     inflight: HashMap<u16, usize>,
-    acked: Vec<bool>,
+    /// When each message's PUBACK was processed.
+    acked: Vec<Option<Instant>>,
     error: Option<String>,
     ended: bool,
 }
@@ -139,7 +152,7 @@ pub async fn publish(
     mo.set_inflight(opts.inflight.max(1));
     let (client, mut el) = AsyncClient::new(mo, 256);
     let st = Arc::new(Mutex::new(State {
-        acked: vec![false; msgs.len()],
+        acked: vec![None; msgs.len()],
         ..Default::default()
     }));
 
@@ -155,11 +168,12 @@ pub async fn publish(
                     }
                 }
                 Ok(Event::Incoming(Packet::PubAck(a))) => {
+                    let now = Instant::now();
                     let mut s = st2.lock().unwrap();
                     if let Some(i) = s.inflight.remove(&a.pkid)
-                        && !s.acked[i]
+                        && s.acked[i].is_none()
                     {
-                        s.acked[i] = true;
+                        s.acked[i] = Some(now);
                         prog2.acked.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -217,12 +231,11 @@ pub async fn publish(
     // If the event loop is stuck, leave it: the counters are final.
     let _ = tokio::time::timeout(Duration::from_secs(5), el_task).await;
     let s = st.lock().unwrap();
-    let acked: Vec<String> = msgs
+    let (acked, acked_at): (Vec<String>, Vec<Instant>) = msgs
         .iter()
         .zip(&s.acked)
-        .filter(|(_, a)| **a)
-        .map(|(m, _)| m.id.clone())
-        .collect();
+        .filter_map(|(m, a)| Some((m.id.clone(), (*a)?)))
+        .unzip();
     let mut error = s.error.clone();
     if error.is_none() && acked.len() < sent {
         error = Some(format!(
@@ -233,6 +246,7 @@ pub async fn publish(
     }
     PubReport {
         acked,
+        acked_at,
         sent,
         error,
         elapsed: t0.elapsed(),
