@@ -16,7 +16,9 @@ mod sink_log;
 mod state;
 #[cfg(test)]
 mod tests;
+mod types;
 mod watermark;
+mod writer;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -30,7 +32,7 @@ use crate::event::{Event, now_ms};
 pub use chunk::{DecodeError, decode_chunk, encode_chunk, encoded_len};
 pub use sink_log::LoadedBatch;
 use state::SpoolState;
-pub use state::{AppendOutcome, BatchMeta, Mark, Partitioner, SealRule, SinkSpec, SinkStats};
+pub use types::{AppendOutcome, BatchMeta, Mark, Partitioner, SealRule, SinkSpec, SinkStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -88,19 +90,6 @@ enum Message {
     Close,
 }
 
-/// Answers computed while applying a group, sent after its flush.
-enum Reply {
-    Append(
-        oneshot::Sender<Result<AppendOutcome, SpoolError>>,
-        Result<AppendOutcome, SpoolError>,
-    ),
-    Seal(SinkId, oneshot::Sender<SealResult>, SealResult),
-    Complete(
-        oneshot::Sender<Result<(), SpoolError>>,
-        Result<(), SpoolError>,
-    ),
-}
-
 struct SinkShared {
     name: String,
     chunks: sled::Tree,
@@ -114,7 +103,7 @@ struct SinkShared {
 
 struct Shared {
     sinks: Vec<SinkShared>,
-    limits: state::Limits,
+    limits: types::Limits,
     max_bytes: u64,
     when_full: crate::config::WhenFull,
     bytes: Mutex<u64>,
@@ -137,9 +126,6 @@ pub struct Spool {
     writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
-/// Most commands applied under one flush; bounds reply latency under load.
-const MAX_GROUP: usize = 4096;
-
 impl Spool {
     /// Opens (or creates) the spool under `dir` for sinks whose records all
     /// share one partition, in order: `SinkId` `i` is `sinks[i]`.
@@ -157,7 +143,7 @@ impl Spool {
     ) -> Result<Spool, SpoolError> {
         let path = dir.join("spool");
         let quarantine = dir.join("quarantine");
-        let limits = state::Limits {
+        let limits = types::Limits {
             max_bytes: config.max_bytes.as_u64(),
             when_full: config.when_full,
             min_free: config.min_free.as_u64(),
@@ -177,8 +163,10 @@ impl Spool {
             other => other?,
         };
         let lost = watermark::report_lost(&floor, &state.recovered());
-        // sled may just have created its directory and files.
-        let db_file = segments::sync_dir(&path)
+        // sled may just have created its directory and files, and it never
+        // syncs its `conf` (after a power cut sled finds it empty).
+        let db_file = sync_file(&path.join("conf"))
+            .and_then(|_| segments::sync_dir(&path))
             .and_then(|_| segments::sync_dir(dir))
             .and_then(|_| std::fs::File::open(path.join("db")))
             .map_err(|source| SpoolError::Open {
@@ -215,7 +203,7 @@ impl Spool {
             .name("silt-spool".into())
             .spawn(move || {
                 let run = std::panic::AssertUnwindSafe(|| {
-                    writer(state, writer_db, db_file, rx, writer_shared, watermark)
+                    writer::writer(state, writer_db, db_file, rx, writer_shared, watermark)
                 });
                 if std::panic::catch_unwind(run).is_err() {
                     // Without its writer the agent can acknowledge nothing;
@@ -427,6 +415,10 @@ impl Spool {
     }
 }
 
+fn sync_file(path: &Path) -> std::io::Result<()> {
+    std::fs::File::open(path)?.sync_all()
+}
+
 /// fdatasyncs sled's log file: sled's `flush()` stops at `sync_file_range`,
 /// and a sync through any descriptor of the file makes its data durable.
 pub(super) fn sync_db(spool_dir: &Path) -> std::io::Result<()> {
@@ -451,9 +443,9 @@ fn move_aside(dir: &Path) -> Result<PathBuf, SpoolError> {
 fn open_state(
     path: &Path,
     sinks: &[SinkSpec],
-    limits: state::Limits,
+    limits: types::Limits,
     quarantine: &Path,
-    floor: &BTreeMap<String, state::Reached>,
+    floor: &BTreeMap<String, types::Reached>,
 ) -> Result<(sled::Db, SpoolState), SpoolError> {
     let damaged = |detail: String| SpoolError::Damaged {
         path: path.to_path_buf(),
@@ -513,137 +505,4 @@ fn open_db(path: &Path) -> Result<sled::Db, SpoolError> {
             }
         }
     }
-}
-
-fn writer(
-    mut state: SpoolState,
-    db: sled::Db,
-    db_file: std::fs::File,
-    rx: mpsc::Receiver<Message>,
-    shared: Arc<Shared>,
-    mut watermark: watermark::Watermark,
-) {
-    let mut open = true;
-    while open {
-        let Ok(first) = rx.recv() else { break };
-        let mut replies = Vec::new();
-        let mut next = Some(first);
-        while let Some(command) = next.take() {
-            match command {
-                Message::Close => open = false,
-                Message::Command(command) => replies.push(apply(&mut state, command)),
-            }
-            if open && replies.len() < MAX_GROUP {
-                next = rx.try_recv().ok();
-            }
-        }
-        let committed = commit(&mut state, &db, &db_file);
-        match &committed {
-            Ok(()) => {
-                state.remove_doomed();
-                watermark.update(state.reached(), !open);
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "spool commit failed (disk full?); nothing more is acknowledged until the spool is reopened");
-                shared.storage_failed.cancel();
-            }
-        }
-        publish(&state, &shared);
-        for reply in replies {
-            send_reply(reply, committed.as_ref().err(), &shared);
-        }
-    }
-}
-
-/// The barrier of one group: chunks and their segment files first, then
-/// sled's references to them, each fsynced before the next step.
-fn commit(
-    state: &mut SpoolState,
-    db: &sled::Db,
-    db_file: &std::fs::File,
-) -> Result<(), sled::Error> {
-    match state.write_pending() {
-        Ok(()) => {}
-        Err(SpoolError::Storage(e)) => return Err(e),
-        Err(e) => return Err(sled::Error::Io(std::io::Error::other(e.to_string()))),
-    }
-    if let Some(failure) = state.failed() {
-        return Err(sled::Error::Io(std::io::Error::other(failure)));
-    }
-    state.sync_segments()?;
-    db.flush()?;
-    db_file.sync_data()?;
-    Ok(())
-}
-
-fn apply(state: &mut SpoolState, command: Command) -> Reply {
-    match command {
-        Command::Append {
-            groups,
-            marks,
-            reply,
-        } => Reply::Append(reply, state.append(&groups, &marks)),
-        Command::Seal {
-            sink,
-            rule,
-            key,
-            reply,
-        } => Reply::Seal(sink, reply, state.seal(sink, &rule, key, now_ms())),
-        Command::Complete { sink, batch, reply } => {
-            Reply::Complete(reply, state.complete(sink, &batch))
-        }
-    }
-}
-
-/// Makes the state after a commit visible to readers and wakes waiters.
-fn publish(state: &SpoolState, shared: &Shared) {
-    let mut freed = false;
-    {
-        let mut bytes = shared.bytes.lock().expect("lock");
-        freed |= state.bytes < *bytes;
-        *bytes = state.bytes;
-    }
-    for (log, s) in state.sinks.iter().zip(&shared.sinks) {
-        let mut stats = s.stats.lock().expect("lock");
-        let added = log.stats.unsealed_records > stats.unsealed_records;
-        *stats = log.stats;
-        drop(stats);
-        if added {
-            s.records_added.notify_one();
-        }
-    }
-    if freed {
-        shared.space_freed.notify_waiters();
-    }
-}
-
-fn send_reply(reply: Reply, flush_error: Option<&sled::Error>, shared: &Shared) {
-    match reply {
-        Reply::Append(tx, r) => answer(tx, r, flush_error),
-        Reply::Seal(sink, tx, r) => {
-            // The batch is sealed in memory but not known durable; hand it
-            // out again so its records are not stranded until a restart.
-            if let (Some(_), Ok(Some((meta, _)))) = (flush_error, &r) {
-                shared.sinks[sink]
-                    .pending
-                    .lock()
-                    .expect("lock")
-                    .push(meta.clone());
-            }
-            answer(tx, r, flush_error)
-        }
-        Reply::Complete(tx, r) => answer(tx, r, flush_error),
-    }
-}
-
-/// A failed flush fails every answer of its group: nothing in it is known durable.
-fn answer<T>(
-    tx: oneshot::Sender<Result<T, SpoolError>>,
-    r: Result<T, SpoolError>,
-    flush_error: Option<&sled::Error>,
-) {
-    let _ = tx.send(match flush_error {
-        Some(e) => Err(SpoolError::Storage(e.clone())),
-        None => r,
-    });
 }

@@ -13,7 +13,7 @@ use std::path::Path;
 use super::SpoolError;
 use super::chunk::{self, ChunkRef, DecodeError};
 use super::segments::{self, Segments};
-use super::state::{BatchMeta, Partitioner, SealRule, SinkStats};
+use super::types::{BatchMeta, Partitioner, SealRule, SinkStats};
 use crate::event::Event;
 
 /// A chunk is closed at this size and the next event starts another, so

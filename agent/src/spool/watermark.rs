@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::segments::sync_dir;
-use super::state::Reached;
+use super::types::Reached;
 
 /// How often the file is rewritten at most.
 const EVERY: Duration = Duration::from_secs(1);
