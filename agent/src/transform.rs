@@ -18,7 +18,7 @@ use crate::event::{Event, RESERVED_ATTRIBUTE_PREFIX};
 use crate::media::MediaDir;
 use crate::metrics::{Metrics, PluginCall};
 use crate::plugin::{DeadLetter, Plugin, PluginEngine, PluginError, PluginLimits};
-use crate::spool::{AppendOutcome, Mark, SinkId, Spool, SpoolError};
+use crate::spool::{AppendOutcome, Mark, SinkId, Spool, SpoolError, StoredMarks};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -228,9 +228,9 @@ impl Ingest {
         Ok(outcome)
     }
 
-    /// A mark stored by an earlier [`Ingest::ingest_marked`].
-    pub fn mark(&self, tree: &str, key: &[u8]) -> Result<Option<sled::IVec>, SpoolError> {
-        self.spool.mark(tree, key)
+    /// Every mark of `tree` stored by earlier [`Ingest::ingest_marked`]s.
+    pub fn marks(&self, tree: &str) -> Result<StoredMarks, SpoolError> {
+        self.spool.marks(tree)
     }
 
     /// Runs `events` from `node` through the transforms downstream and

@@ -32,7 +32,9 @@ use crate::event::{Event, now_ms};
 pub use chunk::{DecodeError, decode_chunk, encode_chunk, encoded_len};
 pub use sink_log::LoadedBatch;
 use state::SpoolState;
-pub use types::{AppendOutcome, BatchMeta, Mark, Partitioner, SealRule, SinkSpec, SinkStats};
+pub use types::{
+    AppendOutcome, BatchMeta, Mark, Partitioner, SealRule, SinkSpec, SinkStats, StoredMarks,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -308,6 +310,21 @@ impl Spool {
     /// A mark written by an earlier append.
     pub fn mark(&self, tree: &str, key: &[u8]) -> Result<Option<sled::IVec>, SpoolError> {
         Ok(self.db.open_tree(tree)?.get(key)?)
+    }
+
+    /// Every mark of `tree`; none (and no tree created) if it never had one.
+    pub fn marks(&self, tree: &str) -> Result<StoredMarks, SpoolError> {
+        if !self.db.tree_names().iter().any(|n| n == tree.as_bytes()) {
+            return Ok(Vec::new());
+        }
+        self.db
+            .open_tree(tree)?
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((k.to_vec(), v.to_vec()))
+            })
+            .collect()
     }
 
     /// Puts batches taken with [`Spool::take_pending`] back, in front, when

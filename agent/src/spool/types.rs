@@ -116,6 +116,9 @@ pub struct Mark {
     pub value: Vec<u8>,
 }
 
+/// The (key, value) pairs of one mark tree.
+pub type StoredMarks = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// What the watermark says a sink had durably reached.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reached {

@@ -259,15 +259,9 @@ async fn commit_loop(
     done: CancellationToken,
 ) {
     let mut group = Vec::with_capacity(COMMIT_GROUP);
-    let redelivery = redelivery::Redelivery::new(&source);
+    let mut redelivery = load_marks(&source, &ingest);
     while rx.recv_many(&mut group, COMMIT_GROUP).await > 0 {
-        let filtered = redelivery.filter(&group, now_ms(), |key| {
-            ingest
-                .mark(redelivery.tree(), key)
-                .ok()
-                .flatten()
-                .map(|v| v.to_vec())
-        });
+        let filtered = redelivery.filter(&group, now_ms());
         if filtered.redelivered > 0 {
             tracing::info!(
                 source,
@@ -282,6 +276,15 @@ async fn commit_loop(
                 .extend(topic_attributes(&topic_fields, &event.topic));
         }
         commit(&source, &ingest, events, filtered.marks).await;
+        if let (Some(first), Some(last)) = (group.first(), group.last()) {
+            tracing::debug!(
+                source,
+                messages = group.len(),
+                first_pkid = first.pkid,
+                last_pkid = last.pkid,
+                "mqtt group committed; acking"
+            );
+        }
         for publish in group.drain(..) {
             if publish.qos != QoS::AtMostOnce
                 && let Err(e) = client.ack(&publish).await
@@ -291,6 +294,23 @@ async fn commit_loop(
         }
     }
     done.cancel();
+}
+
+/// The redelivery marks a previous run committed. Without them a
+/// redelivery would be stored twice, never lost, so a spool that cannot be
+/// read here is logged and the source goes on.
+fn load_marks(source: &str, ingest: &Ingest) -> redelivery::Redelivery {
+    let read = |tree: String| {
+        ingest.marks(&tree).unwrap_or_else(|e| {
+            tracing::error!(source, tree, error = %e, "cannot read mqtt redelivery marks; redeliveries of messages committed before the restart may be stored twice");
+            Vec::new()
+        })
+    };
+    redelivery::Redelivery::new(
+        source,
+        read(redelivery::page_tree(source)),
+        read(redelivery::legacy_tree(source)),
+    )
 }
 
 /// Attributes named by `topic_fields` from the topic's segments, in order.
