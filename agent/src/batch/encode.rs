@@ -1,7 +1,7 @@
 //! Turning a batch of events into the bytes of one object.
 //!
 //! The output is a pure function of the events, the agent id and the
-//! compression, so a batch re-uploaded after a crash is byte-identical.
+//! compression and its level, so a batch re-uploaded after a crash is byte-identical.
 
 use std::io::Write;
 
@@ -11,13 +11,19 @@ use serde_json::value::RawValue;
 use crate::config::Compression;
 use crate::event::Event;
 
-/// NDJSON, one line per event, then compressed.
-pub fn encode_ndjson(events: &[Event], agent: &str, compression: Compression) -> Vec<u8> {
+/// NDJSON, one line per event, then compressed at `level` (gzip 1-9,
+/// zstd 1-19; ignored without compression).
+pub fn encode_ndjson(
+    events: &[Event],
+    agent: &str,
+    compression: Compression,
+    level: u32,
+) -> Vec<u8> {
     let mut plain = Vec::with_capacity(events.iter().map(|e| e.payload.len() + 96).sum());
     for event in events {
         write_line(&mut plain, event, agent);
     }
-    compress(plain, compression)
+    compress(plain, compression, level)
 }
 
 fn write_line(out: &mut Vec<u8>, event: &Event, agent: &str) {
@@ -74,7 +80,7 @@ pub fn rfc3339_ms(ts_ms: i64) -> String {
     )
 }
 
-fn compress(plain: Vec<u8>, compression: Compression) -> Vec<u8> {
+fn compress(plain: Vec<u8>, compression: Compression, level: u32) -> Vec<u8> {
     match compression {
         // Validation keeps snappy to Parquet sinks.
         Compression::None | Compression::Snappy => plain,
@@ -82,12 +88,14 @@ fn compress(plain: Vec<u8>, compression: Compression) -> Vec<u8> {
             // GzEncoder writes mtime 0, keeping the output deterministic.
             let mut enc = flate2::write::GzEncoder::new(
                 Vec::with_capacity(plain.len() / 4),
-                flate2::Compression::default(),
+                flate2::Compression::new(level),
             );
             enc.write_all(&plain).expect("writing to a Vec");
             enc.finish().expect("writing to a Vec")
         }
-        Compression::Zstd => zstd::encode_all(plain.as_slice(), 3).expect("writing to a Vec"),
+        Compression::Zstd => {
+            zstd::encode_all(plain.as_slice(), level as i32).expect("writing to a Vec")
+        }
     }
 }
 
@@ -121,6 +129,7 @@ mod tests {
             ],
             "gw-01",
             Compression::None,
+            0,
         );
         let text = String::from_utf8(out).unwrap();
         let lines: Vec<&str> = text.lines().collect();
@@ -141,22 +150,46 @@ mod tests {
     }
 
     #[test]
-    fn compressed_output_is_deterministic_and_decodes() {
+    fn compressed_output_is_deterministic_and_decodes_at_every_level() {
         let events = vec![ev(br#"{"a":1}"#); 100];
-        for c in [Compression::Gzip, Compression::Zstd] {
-            let a = encode_ndjson(&events, "x", c);
-            assert_eq!(a, encode_ndjson(&events, "x", c));
-            let plain = match c {
-                Compression::Gzip => {
-                    let mut s = Vec::new();
-                    flate2::read::GzDecoder::new(a.as_slice())
-                        .read_to_end(&mut s)
-                        .unwrap();
-                    s
-                }
-                _ => zstd::decode_all(a.as_slice()).unwrap(),
-            };
-            assert_eq!(plain, encode_ndjson(&events, "x", Compression::None));
+        let plain = encode_ndjson(&events, "x", Compression::None, 0);
+        for (c, levels) in [(Compression::Gzip, 1..=9), (Compression::Zstd, 1..=19)] {
+            for level in levels {
+                let a = encode_ndjson(&events, "x", c, level);
+                assert_eq!(a, encode_ndjson(&events, "x", c, level));
+                let decoded = match c {
+                    Compression::Gzip => {
+                        let mut s = Vec::new();
+                        flate2::read::GzDecoder::new(a.as_slice())
+                            .read_to_end(&mut s)
+                            .unwrap();
+                        s
+                    }
+                    _ => zstd::decode_all(a.as_slice()).unwrap(),
+                };
+                assert_eq!(decoded, plain, "{c:?} level {level}");
+            }
         }
+    }
+
+    #[test]
+    fn a_lower_gzip_level_is_a_different_but_equivalent_object() {
+        let events: Vec<Event> = (0..500)
+            .map(|i| {
+                ev(
+                    format!(r#"{{"pump":{},"temp_c":{}.{}}}"#, i % 7, 20 + i % 9, i % 10)
+                        .as_bytes(),
+                )
+            })
+            .collect();
+        let fast = encode_ndjson(&events, "x", Compression::Gzip, 1);
+        let small = encode_ndjson(&events, "x", Compression::Gzip, 9);
+        assert_ne!(fast, small);
+        assert!(
+            small.len() <= fast.len(),
+            "{} > {}",
+            small.len(),
+            fast.len()
+        );
     }
 }

@@ -21,6 +21,7 @@ pub const CONTENT_TYPE_ATTRIBUTE: &str = "content_type";
 pub struct Encoding {
     pub format: Format,
     pub compression: Compression,
+    pub compression_level: u32,
     pub row_group_size: usize,
     pub metadata_attributes: Vec<String>,
 }
@@ -30,6 +31,7 @@ impl Encoding {
         Encoding {
             format: config.format,
             compression: config.compression(),
+            compression_level: config.compression_level(),
             row_group_size: config.row_group_size,
             metadata_attributes: config.metadata_attributes.clone(),
         }
@@ -54,7 +56,12 @@ pub enum Object {
 pub fn build(events: &[Event], agent: &str, encoding: &Encoding) -> Result<Object, String> {
     let metadata = metadata(&events[0], &encoding.metadata_attributes);
     Ok(match encoding.format {
-        Format::Ndjson => ndjson(events, agent, encoding.compression, metadata),
+        Format::Ndjson => ndjson(
+            events,
+            agent,
+            (encoding.compression, encoding.compression_level),
+            metadata,
+        ),
         Format::Parquet => {
             let options = ParquetOptions {
                 compression: match encoding.compression {
@@ -76,7 +83,7 @@ pub fn build(events: &[Event], agent: &str, encoding: &Encoding) -> Result<Objec
                 Err(e) => {
                     // Keep the data flowing in a form the lake can still read.
                     tracing::error!(error = %e, retryable = e.is_retryable(), records = events.len(), "parquet encoding failed; writing this batch as NDJSON under the same key");
-                    ndjson(events, agent, Compression::None, metadata)
+                    ndjson(events, agent, (Compression::None, 0), metadata)
                 }
             }
         }
@@ -87,12 +94,12 @@ pub fn build(events: &[Event], agent: &str, encoding: &Encoding) -> Result<Objec
 fn ndjson(
     events: &[Event],
     agent: &str,
-    compression: Compression,
+    (compression, level): (Compression, u32),
     metadata: Vec<(String, String)>,
 ) -> Object {
     let (content_type, content_encoding) = content_headers(compression);
     Object::Bytes {
-        body: encode_ndjson(events, agent, compression).into(),
+        body: encode_ndjson(events, agent, compression, level).into(),
         info: ObjectInfo {
             content_type: content_type.to_string(),
             content_encoding,
@@ -145,6 +152,7 @@ mod tests {
         Encoding {
             format,
             compression: Compression::None,
+            compression_level: 0,
             row_group_size: 10,
             metadata_attributes: vec!["site".into(), "absent".into()],
         }

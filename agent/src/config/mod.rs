@@ -279,6 +279,10 @@ pub struct SinkConfig {
     /// zstd (default), snappy or none, inside the file. Raw: none.
     #[serde(default)]
     pub compression: Option<Compression>,
+    /// NDJSON: gzip 1-9 (default 6), zstd 1-19 (default 3). Lower levels
+    /// cost less CPU per event and give larger objects.
+    #[serde(default)]
+    pub compression_level: Option<u32>,
     /// Parquet: rows per row group.
     #[serde(default = "default_row_group_size")]
     pub row_group_size: usize,
@@ -332,6 +336,19 @@ impl SinkConfig {
             Format::Parquet => Compression::Zstd,
             Format::Raw => Compression::None,
         })
+    }
+
+    pub fn compression_level(&self) -> u32 {
+        self.compression_level
+            .unwrap_or_else(|| default_compression_level(self.compression()))
+    }
+}
+
+fn default_compression_level(compression: Compression) -> u32 {
+    match compression {
+        Compression::Gzip => 6,
+        Compression::Zstd => 3,
+        Compression::None | Compression::Snappy => 0,
     }
 }
 

@@ -44,6 +44,7 @@ fn defaults_fill_what_is_left_out() {
     assert_eq!(sink.batch.max_records, 10_000);
     assert_eq!(sink.batch.max_age, std::time::Duration::from_secs(30));
     assert_eq!(sink.compression(), Compression::Gzip);
+    assert_eq!(sink.compression_level(), 6);
     assert_eq!(config.spool.when_full, WhenFull::Block);
     assert!(!config.agent.id.is_empty());
 }
@@ -160,6 +161,20 @@ fn graph_errors_name_the_component() {
         (
             MINIMAL.replace(
                 "path = \"./lake\"",
+                "path = \"./lake\"\ncompression_level = 10",
+            ),
+            "10 is out of range: gzip takes 1 to 9",
+        ),
+        (
+            MINIMAL.replace(
+                "path = \"./lake\"",
+                "path = \"./lake\"\nformat = \"parquet\"\ncompression_level = 3",
+            ),
+            "applies to NDJSON sinks with gzip or zstd",
+        ),
+        (
+            MINIMAL.replace(
+                "path = \"./lake\"",
                 "path = \"./lake\"\nstorage_class = \"STANDARD_IA\"",
             ),
             "`storage_class` belongs to s3",
@@ -218,6 +233,7 @@ fn a_directory_merges_in_name_order() {
     let config = load(dir.path()).unwrap();
     assert_eq!(config.agent.id, "dev-7");
     assert_eq!(config.sinks["lake"].compression(), Compression::Zstd);
+    assert_eq!(config.sinks["lake"].compression_level(), 3);
     assert_eq!(config.sinks["lake"].inputs, ["api"]);
 }
 

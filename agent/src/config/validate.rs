@@ -282,6 +282,29 @@ fn validate_sink_format(
             ),
         ));
     }
+    if let Some(level) = sink.compression_level {
+        let range = match (sink.format, sink.compression()) {
+            (Format::Ndjson, Compression::Gzip) => 1..=9,
+            (Format::Ndjson, Compression::Zstd) => 1..=19,
+            _ => {
+                return Err((
+                    "compression_level",
+                    "applies to NDJSON sinks with gzip or zstd compression only; remove it".into(),
+                ));
+            }
+        };
+        if !range.contains(&level) {
+            return Err((
+                "compression_level",
+                format!(
+                    "{level} is out of range: {} takes {} to {}",
+                    format!("{:?}", sink.compression()).to_lowercase(),
+                    range.start(),
+                    range.end()
+                ),
+            ));
+        }
+    }
     if sink.row_group_size == 0 {
         return Err(("row_group_size", "must be above zero".into()));
     }
