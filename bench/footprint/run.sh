@@ -21,6 +21,8 @@
 #          MQTT_WINDOWS: the baseline (the broker delivering the same load to a
 #          QoS 1 subscriber), then silt with S3 up and S3 down; "x mosq" is
 #          silt's intake rate over the baseline's
+#   wasm   the http load with S3 up through the identity WebAssembly plugin
+#          (WASM_PLUGIN): the cost of the plugin boundary
 #   drain  a DRAIN_MIB MiB backlog over HTTP with S3 down, then S3 starts and
 #          the spool drains; rate and peak RSS while draining
 # The table (medians over RUNS) goes to stdout, all figures as JSON to OUT.
@@ -29,7 +31,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 ROOT=$PWD
 
 # ------------------------------------------------------------- parameters
-SCENARIOS=${SCENARIOS:-http,mqtt,drain}
+SCENARIOS_SET=${SCENARIOS:+1}
+SCENARIOS=${SCENARIOS:-http,wasm,mqtt,drain}
 RUNS=${RUNS:-1}
 SIZE=${SIZE:-256}                      # bytes per event (JSON, exact)
 if [[ -n "${N:-}" ]]; then             # shorthand: N for HTTP, N/10 for MQTT
@@ -53,6 +56,7 @@ BENCH_TIMEOUT=${BENCH_TIMEOUT:-3600}   # per wait
 BENCH_TMPDIR=${BENCH_TMPDIR:-/tmp}     # data_dir lives here: put it on the disk you care about
 OUT=${OUT:-$ROOT/target/footprint/footprint-$(date -u +%Y%m%dT%H%M%SZ).json}
 KEEP=${KEEP:-0}                        # 1: keep the work dir
+WASM_PLUGIN=${WASM_PLUGIN:-$ROOT/plugins/target/wasm/identity.wasm}
 
 S3_KEY=footprint-key
 S3_SECRET=footprint-secret
@@ -60,7 +64,7 @@ BUCKET=footprint
 
 has() { [[ ",$SCENARIOS," == *",$1,"* ]]; }
 for s in ${SCENARIOS//,/ }; do
-    case $s in http|mqtt|drain) ;; *) echo "unknown scenario '$s' (http, mqtt, drain)" >&2; exit 2 ;; esac
+    case $s in http|wasm|mqtt|drain) ;; *) echo "unknown scenario '$s' (http, wasm, mqtt, drain)" >&2; exit 2 ;; esac
 done
 
 # ------------------------------------------------------------------ tools
@@ -73,6 +77,12 @@ find_tool() { # ENV_OVERRIDE NAME CANDIDATE...
 }
 S3S_FS=$(find_tool SILT_S3S_FS s3s-fs "$SILT_TOOLS/bin/s3s-fs")
 [[ -x "$S3S_FS" ]] || { echo "s3s-fs not found: set SILT_S3S_FS or run .ci/run (installs $SILT_TOOLS/bin/s3s-fs)" >&2; exit 2; }
+if has wasm && [[ ! -f $WASM_PLUGIN && -z $SCENARIOS_SET ]]; then
+    echo "==> skipping the wasm scenario: no plugin at $WASM_PLUGIN (bash plugins/build.sh builds it)"
+    SCENARIOS=${SCENARIOS/,wasm/}
+elif has wasm && [[ ! -f $WASM_PLUGIN ]]; then
+    echo "no plugin at $WASM_PLUGIN: build it with bash plugins/build.sh (or set WASM_PLUGIN)" >&2; exit 2
+fi
 if has mqtt; then
     MOSQ=$(find_tool SILT_MOSQUITTO mosquitto /usr/sbin/mosquitto)
     [[ -x "$MOSQ" ]] || { echo "mosquitto not found (apt-get install mosquitto)" >&2; exit 2; }
@@ -202,8 +212,8 @@ CONF
 SILT_PID=""
 API=""
 HTTP_PORT=""
-start_silt() { # DIR SOURCE(http|mqtt) S3_PORT
-    local d=$1 src=$2 s3port=$3 api_port
+start_silt() { # DIR SOURCE(http|mqtt) S3_PORT [PLUGIN]
+    local d=$1 src=$2 s3port=$3 plugin=${4:-} sink_input=in api_port
     api_port=$(free_port)
     HTTP_PORT=$(free_port)
     mkdir -p "$d"
@@ -238,11 +248,20 @@ topics = ["footprint/#"]
 qos = 1
 CONF
         fi
+        if [[ -n $plugin ]]; then
+            sink_input=plugin
+            cat <<CONF
+
+[transforms.plugin]
+plugin = "$plugin"
+inputs = ["in"]
+CONF
+        fi
         cat <<CONF
 
 [sinks.lake]
 type = "s3"
-inputs = ["in"]
+inputs = ["$sink_input"]
 bucket = "$BUCKET"
 endpoint = "http://127.0.0.1:$s3port"
 region = "us-east-1"
@@ -292,14 +311,15 @@ common_fields() { # the process figures of the window snap0..snap1
 }
 say() { printf '    %-22s %s\n' "$1" "$2"; }
 
-# One HTTP measurement: S3 "up" or "down".
-http_once() { # RUN MODE
-    local run=$1 mode=$2 d s3port ev pb secs e2e out_n held
-    d=$WORK/http-$mode-$run
+# One HTTP measurement: S3 "up" or "down", through PLUGIN if given.
+http_once() { # RUN MODE [PLUGIN]
+    local run=$1 mode=$2 plugin=${3:-} name=http d s3port ev pb secs e2e out_n held
+    [[ -n $plugin ]] && name=http+wasm
+    d=$WORK/$name-$mode-$run
     mkdir -p "$d"
     s3port=$(free_port)
     [[ $mode == up ]] && start_s3 "$s3port" "$d"
-    start_silt "$d" http "$s3port"
+    start_silt "$d" http "$s3port" "$plugin"
     snap0
     local t0; t0=$(now)
     lg "$d/load.json" http --url "http://127.0.0.1:$HTTP_PORT/v1/ingest/bench" --n "$HTTP_N" --size "$SIZE" \
@@ -309,8 +329,8 @@ http_once() { # RUN MODE
         lg "$d/wait.json" wait --url "$API" --metric silt_events_out_total --ge "$ev" --timeout "$BENCH_TIMEOUT"
         e2e=$(calc "$(jget "$d/wait.json" t_end) - $t0")
         snap1
-        row "http s3-up" "$run" "events=$ev" "payload_bytes=$pb" "secs=$secs" "e2e_secs=$e2e" $(common_fields)
-        say "http s3-up" "$(fmt "$ev / $secs") events/s accepted; all in S3 after $(fmt "$e2e" 2)s"
+        row "$name s3-up" "$run" "events=$ev" "payload_bytes=$pb" "secs=$secs" "e2e_secs=$e2e" $(common_fields)
+        say "$name s3-up" "$(fmt "$ev / $secs") events/s accepted; all in S3 after $(fmt "$e2e" 2)s"
     else
         sleep "$SETTLE"
         snap1
@@ -449,6 +469,9 @@ for ((run = 1; run <= RUNS; run++)); do
     if has http; then
         http_once "$run" up
         http_once "$run" down
+    fi
+    if has wasm; then
+        http_once "$run" up "$WASM_PLUGIN"
     fi
     if has mqtt; then
         for w in $MQTT_WINDOWS; do
