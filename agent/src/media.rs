@@ -61,7 +61,11 @@ pub struct Received {
 }
 
 /// `<data_dir>/media`: `incoming/` while an upload streams in, then one
-/// hard link per raw sink that takes it, so each sink deletes its own copy.
+/// hard link per raw sink that takes it, in `sink/<sink>/`, so each sink
+/// deletes its own copy and can never see another's.
+///
+/// Releases up to 0.1 linked `<sink>-<stem>` into `media/` itself; those
+/// files are still read, and swept by exact sink name.
 #[derive(Debug, Clone)]
 pub struct MediaDir {
     root: PathBuf,
@@ -93,6 +97,10 @@ impl MediaDir {
         self.root.join(file)
     }
 
+    fn sink_dir(&self, sink: &str) -> PathBuf {
+        self.root.join(SINK_DIRS).join(sink)
+    }
+
     /// Streams `body` into a new file under `incoming/`, hashing it, and
     /// fsyncs it. On any error the partial file is removed.
     pub async fn receive<S, E>(&self, body: S, max: u64) -> Result<Received, ReceiveError>
@@ -119,12 +127,13 @@ impl MediaDir {
             .to_string();
         let mut names = Vec::new();
         for sink in sinks {
-            let name = format!("{sink}-{stem}");
-            std::fs::hard_link(&received.path, self.root.join(&name))?;
-            names.push(name);
+            let dir = self.sink_dir(sink);
+            crate::spool::create_dir_durably(&dir)?;
+            std::fs::hard_link(&received.path, dir.join(&stem))?;
+            crate::spool::sync_dir(&dir)?;
+            names.push(format!("{SINK_DIRS}/{sink}/{stem}"));
         }
         std::fs::remove_file(&received.path)?;
-        std::fs::File::open(&self.root)?.sync_all()?;
         Ok(names)
     }
 
@@ -138,16 +147,29 @@ impl MediaDir {
         referenced: &std::collections::HashSet<String>,
         settle: std::time::Duration,
     ) -> io::Result<usize> {
-        let prefix = format!("{sink}-");
-        let mut removed = 0;
+        let mut candidates = Vec::new();
+        let dir = self.sink_dir(sink);
+        if dir.is_dir() {
+            for entry in std::fs::read_dir(&dir)? {
+                let entry = entry?;
+                let name = format!("{SINK_DIRS}/{sink}/{}", entry.file_name().to_string_lossy());
+                candidates.push((name, entry));
+            }
+        }
         for entry in std::fs::read_dir(&self.root)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().to_string();
+            if entry.file_type()?.is_file() && legacy_owner(&name) == Some(sink) {
+                candidates.push((name, entry));
+            }
+        }
+        let mut removed = 0;
+        for (name, entry) in candidates {
             // ctime, not mtime: linking the file changes the first only.
             let changed = std::time::UNIX_EPOCH
                 + std::time::Duration::from_secs(entry.metadata()?.ctime().max(0) as u64);
             let settled = changed.elapsed().is_ok_and(|age| age >= settle);
-            if name.starts_with(&prefix) && !referenced.contains(&name) && settled {
+            if !referenced.contains(&name) && settled {
                 tracing::warn!(file = %name, sink, "removing a media file no spool record refers to");
                 std::fs::remove_file(entry.path())?;
                 removed += 1;
@@ -197,6 +219,21 @@ where
         size,
         sha256: hex(&hasher.finalize()),
     })
+}
+
+/// Where each sink's links live, below `media/`.
+const SINK_DIRS: &str = "sink";
+
+/// The sink of a file in the layout of releases up to 0.1,
+/// `<sink>-<ms>-<pid>-<n>`; sink names may contain `-`, the stem never does.
+fn legacy_owner(name: &str) -> Option<&str> {
+    let mut parts = name.rsplitn(4, '-');
+    let stem_is_numeric = parts
+        .by_ref()
+        .take(3)
+        .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    let sink = parts.next()?;
+    (stem_is_numeric && !sink.is_empty()).then_some(sink)
 }
 
 fn unique_name() -> String {
@@ -250,6 +287,29 @@ mod tests {
         assert_eq!(media.sweep("b", &referenced, settle).unwrap(), 0);
         assert_eq!(media.sweep("b", &Default::default(), settle).unwrap(), 1);
         assert!(!media.path(&names[1]).exists());
+    }
+
+    #[tokio::test]
+    async fn a_sweep_never_touches_a_sink_whose_name_it_prefixes() {
+        let dir = tempfile::tempdir().unwrap();
+        let media = MediaDir::open(dir.path()).unwrap();
+        let got = media.receive(chunks(vec![Ok(b"frame")]), 100).await.unwrap();
+        let names = media.commit(&got, &["cam", "cam-hd"]).unwrap();
+        // Files of the layout of earlier releases, straight under media/.
+        let legacy = ["cam-1795496858123-77-0", "cam-hd-1795496858123-77-1"];
+        for name in legacy {
+            std::fs::write(media.path(name), b"old").unwrap();
+        }
+        let settle = std::time::Duration::ZERO;
+        let cam_refs = [names[0].clone()].into_iter().collect();
+        assert_eq!(media.sweep("cam", &cam_refs, settle).unwrap(), 1);
+        assert!(!media.path(legacy[0]).exists());
+        for kept in [&names[0], &names[1], &legacy[1].to_string()] {
+            assert!(media.path(kept).exists(), "{kept} was swept by `cam`");
+        }
+        assert_eq!(legacy_owner("cam-hd-1-2-3"), Some("cam-hd"));
+        assert_eq!(legacy_owner("cam-hd-x-2-3"), None);
+        assert_eq!(legacy_owner("1-2-3"), None);
     }
 
     #[tokio::test]

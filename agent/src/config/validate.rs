@@ -160,7 +160,10 @@ pub(super) fn validate(config: &Config, origins: &Origins) -> Result<(), ConfigE
 }
 
 fn valid_name(name: &str) -> bool {
+    // Names become directory names (media/sink/<name>).
     !name.is_empty()
+        && name != "."
+        && name != ".."
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))

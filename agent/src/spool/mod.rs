@@ -12,6 +12,7 @@ mod chunk;
 pub mod inspect;
 mod legacy;
 mod segments;
+pub use segments::{create_dir_durably, sync_dir};
 mod sink_log;
 mod state;
 #[cfg(test)]
