@@ -293,7 +293,10 @@ mod tests {
     async fn a_sweep_never_touches_a_sink_whose_name_it_prefixes() {
         let dir = tempfile::tempdir().unwrap();
         let media = MediaDir::open(dir.path()).unwrap();
-        let got = media.receive(chunks(vec![Ok(b"frame")]), 100).await.unwrap();
+        let got = media
+            .receive(chunks(vec![Ok(b"frame")]), 100)
+            .await
+            .unwrap();
         let names = media.commit(&got, &["cam", "cam-hd"]).unwrap();
         // Files of the layout of earlier releases, straight under media/.
         let legacy = ["cam-1795496858123-77-0", "cam-hd-1795496858123-77-1"];
