@@ -580,7 +580,8 @@ impl MediaStack {
         key
     }
 
-    /// Nothing under `<data_dir>/media` but the empty `incoming` directory.
+    /// No file under `<data_dir>/media`, only the `incoming` and (once a
+    /// file was linked) `sink/<sink>` directories.
     async fn assert_media_dir_empty(&self) {
         let data = &self.agent.data_dir;
         wait_until(deadline(30), "media/ to hold no file", || {
@@ -588,11 +589,13 @@ impl MediaStack {
         })
         .await
         .unwrap_or_else(|e| panic!("{e}: {:?}", media_files(data)));
-        let entries: Vec<_> = std::fs::read_dir(data.join("media"))
+        let mut entries: Vec<_> = std::fs::read_dir(data.join("media"))
             .unwrap()
             .flatten()
             .map(|e| e.file_name().to_string_lossy().to_string())
             .collect();
+        entries.sort();
+        entries.retain(|e| e != "sink");
         assert_eq!(entries, ["incoming"], "media/ entries");
     }
 }

@@ -245,7 +245,13 @@ impl FileLake {
             for e in rd.flatten() {
                 let p = e.path();
                 let name = e.file_name().to_string_lossy().to_string();
-                if name.starts_with('.') || name.ends_with(".tmp") || name.ends_with(".part") {
+                // `<key>#<n>`: object_store's file being written (and
+                // fsynced) before its rename to the key.
+                if name.starts_with('.')
+                    || name.ends_with(".tmp")
+                    || name.ends_with(".part")
+                    || name.contains('#')
+                {
                     continue;
                 }
                 if p.is_dir() {
