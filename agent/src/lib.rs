@@ -229,6 +229,7 @@ impl Pipeline {
             batchers.spawn(batcher.run(drain.clone(), stop.clone()));
         }
 
+        let sources_stop = CancellationToken::new();
         let ingest = Ingest::new(
             &config,
             spool.clone(),
@@ -236,8 +237,8 @@ impl Pipeline {
             dead_letter,
             media.clone(),
             metrics.clone(),
+            sources_stop.clone(),
         );
-        let sources_stop = CancellationToken::new();
         let mut sources = JoinSet::new();
         if !config.transforms.is_empty() {
             sources.spawn(tick_plugins(ingest.clone(), sources_stop.clone()));

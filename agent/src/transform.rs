@@ -19,6 +19,7 @@ use crate::media::MediaDir;
 use crate::metrics::{Metrics, PluginCall};
 use crate::plugin::{DeadLetter, Plugin, PluginEngine, PluginError, PluginLimits};
 use crate::spool::{AppendOutcome, Mark, SinkId, Spool, SpoolError, StoredMarks};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -90,6 +91,8 @@ pub struct Ingest {
     media: MediaDir,
     /// Per source, the raw sinks that take its media uploads.
     media_sinks: Arc<HashMap<String, Vec<(SinkId, String)>>>,
+    /// The sources' stop: waits for room in the spool end with it.
+    stop: CancellationToken,
 }
 
 impl Ingest {
@@ -100,6 +103,7 @@ impl Ingest {
         dead_letter: DeadLetter,
         media: MediaDir,
         metrics: Arc<Metrics>,
+        stop: CancellationToken,
     ) -> Ingest {
         let dead_letter = Arc::new(dead_letter);
         let stages: HashMap<&str, Arc<Stage>> = plugins
@@ -160,6 +164,7 @@ impl Ingest {
             stages: Arc::new(stages.into_values().collect()),
             drops: Arc::new(DropCounter::default()),
             metrics,
+            stop,
         }
     }
 
@@ -284,12 +289,17 @@ impl Ingest {
                 .append_groups(groups.clone(), marks.clone())
                 .await
             {
-                Err(e) if e.is_retryable() => {
+                // At stop the caller gets the error: HTTP answers 503, MQTT
+                // leaves the messages unacked.
+                Err(e) if e.is_retryable() && !self.stop.is_cancelled() => {
                     if !warned {
                         tracing::warn!(error = %e, "transformed events wait for room in the spool");
                         warned = true;
                     }
-                    self.space_freed(Duration::from_secs(1)).await;
+                    tokio::select! {
+                        _ = self.space_freed(Duration::from_secs(1)) => {}
+                        _ = self.stop.cancelled() => {}
+                    }
                 }
                 other => return other,
             }

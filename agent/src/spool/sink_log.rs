@@ -183,15 +183,12 @@ impl SinkLog {
         p.oldest_ms.get_or_insert(event.ts_ms);
     }
 
-    /// Writes the chunks built since the last call to the segment files and
-    /// their references to sled, numbering their records. Durable after the
-    /// segments are synced and sled flushed. Returns whether anything was written.
-    pub fn write_runs(&mut self) -> Result<bool, SpoolError> {
-        if self.runs.is_empty() {
-            return Ok(false);
-        }
+    /// Writes the chunks built since the last call to the segment files;
+    /// [`SinkLog::insert_refs`] then records them in sled. Durable after the
+    /// segments are synced and sled flushed.
+    pub fn write_chunks(&mut self) -> Result<Vec<(u64, ChunkRef)>, SpoolError> {
         self.filling.clear();
-        let mut batch = sled::Batch::default();
+        let mut written = Vec::with_capacity(self.runs.len());
         for mut run in std::mem::take(&mut self.runs) {
             chunk::seal_chunk(&mut run.chunk, run.count);
             let (segment, offset) = self
@@ -208,11 +205,20 @@ impl SinkLog {
                 bytes: run.bytes,
                 first_ts: run.first_ts,
             };
-            batch.insert(&record_key(run.partition, self.next_seq), &r.encode()[..]);
-            self.next_seq += run.count as u64;
+            written.push((run.partition, r));
         }
-        self.chunks.apply_batch(batch)?;
-        Ok(true)
+        Ok(written)
+    }
+
+    /// The references of chunks [`SinkLog::write_chunks`] wrote, numbering
+    /// their records, for the caller to apply to [`SinkLog::chunks`].
+    pub fn ref_batch(&mut self, written: Vec<(u64, ChunkRef)>) -> sled::Batch {
+        let mut batch = sled::Batch::default();
+        for (partition, r) in written {
+            batch.insert(&record_key(partition, self.next_seq), &r.encode()[..]);
+            self.next_seq += r.count as u64;
+        }
+        batch
     }
 
     /// The chunk references of `partition` from sequence `from` on.

@@ -13,6 +13,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
 use super::SpoolError;
 use super::chunk::encoded_len;
 use super::segments::Segments;
@@ -253,7 +256,17 @@ impl SpoolState {
 
     /// Writes this group's chunks, chunk references and marks. The caller
     /// then syncs ([`SpoolState::sync_segments`]) and flushes sled.
+    ///
+    /// Once a write failed nothing more is written: sled and the segments
+    /// are then behind memory, and only a reopen sets that right. Writing
+    /// on would store what the failed group left queued (its MQTT marks
+    /// without its events: the redeliveries would be taken for stored).
     pub fn write_pending(&mut self) -> Result<(), SpoolError> {
+        if let Some(failure) = &self.failed {
+            return Err(SpoolError::Storage(sled::Error::Io(std::io::Error::other(
+                failure.clone(),
+            ))));
+        }
         let written = self.write_pending_unchecked();
         if let Err(e) = &written {
             self.failed.get_or_insert_with(|| e.to_string());
@@ -261,28 +274,65 @@ impl SpoolState {
         written
     }
 
-    /// Set once writing a group's chunks failed; sled and the segments are
-    /// then behind memory, and only a reopen sets that right.
-    pub fn failed(&self) -> Option<String> {
-        self.failed.clone()
-    }
-
     fn write_pending_unchecked(&mut self) -> Result<(), SpoolError> {
-        for log in &mut self.sinks {
-            if log.write_runs()? {
-                self.meta
-                    .insert(format!("next_seq/{}", log.name), &be(log.next_seq))?;
+        // Every sink's chunks before any reference: a full disk fails the
+        // group here, while sled holds none of it, so nothing of a group
+        // answered with an error is found stored after the reopen (an MQTT
+        // redelivery of it would be stored a second time).
+        let written = self
+            .sinks
+            .iter_mut()
+            .map(SinkLog::write_chunks)
+            .collect::<Result<Vec<_>, _>>()?;
+        // References, counters and marks in one sled transaction: sled
+        // recovers it whole or not at all, so a write that fails halfway
+        // (ENOSPC) never leaves events stored without their MQTT marks
+        // (stored twice on redelivery) or marks without their events.
+        let mut trees = Vec::new();
+        let mut batches = Vec::new();
+        let mut counters = sled::Batch::default();
+        for (log, written) in self.sinks.iter_mut().zip(written) {
+            if !written.is_empty() {
+                batches.push(log.ref_batch(written));
+                trees.push(log.chunks.clone());
+                counters.insert(
+                    format!("next_seq/{}", log.name).as_bytes(),
+                    &be(log.next_seq),
+                );
             }
         }
+        if !trees.is_empty() {
+            trees.push(self.meta.clone());
+            batches.push(counters);
+        }
+        let mut marks: BTreeMap<String, sled::Batch> = BTreeMap::new();
         for mark in std::mem::take(&mut self.marks) {
-            let tree = self.db.open_tree(&mark.tree)?;
+            let batch = marks.entry(mark.tree).or_default();
             if mark.value.is_empty() {
-                tree.remove(&mark.key)?;
+                batch.remove(mark.key);
             } else {
-                tree.insert(&mark.key, mark.value.as_slice())?;
+                batch.insert(mark.key, mark.value);
             }
         }
-        Ok(())
+        for (tree, batch) in marks {
+            trees.push(self.db.open_tree(tree)?);
+            batches.push(batch);
+        }
+        if trees.is_empty() {
+            return Ok(());
+        }
+        trees
+            .as_slice()
+            .transaction(|tx| {
+                for (tree, batch) in tx.iter().zip(&batches) {
+                    tree.apply_batch(batch)?;
+                }
+                Ok::<_, ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Storage(e) => SpoolError::Storage(e),
+                TransactionError::Abort(()) => unreachable!("the transaction never aborts"),
+            })
     }
 
     /// Fsyncs every segment written since the last call: before sled's

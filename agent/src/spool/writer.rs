@@ -77,9 +77,6 @@ fn commit(
         Err(SpoolError::Storage(e)) => return Err(e),
         Err(e) => return Err(sled::Error::Io(std::io::Error::other(e.to_string()))),
     }
-    if let Some(failure) = state.failed() {
-        return Err(sled::Error::Io(std::io::Error::other(failure)));
-    }
     state.sync_segments()?;
     db.flush()?;
     db_file.sync_data()?;

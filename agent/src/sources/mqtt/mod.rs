@@ -120,7 +120,8 @@ impl MqttSource {
     }
 
     /// Runs until `shutdown`; then commits and acks what was received and
-    /// disconnects, leaving the rest with the broker.
+    /// disconnects, leaving the rest with the broker. A group the spool
+    /// cannot take (full, failed disk) is given up at `shutdown` unacked.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), MqttError> {
         let options = self.options()?;
         let (client, eventloop) = AsyncClient::new(options, u16::MAX as usize + COMMIT_GROUP);
@@ -132,6 +133,7 @@ impl MqttSource {
             self.ingest.clone(),
             client.clone(),
             rx,
+            shutdown.clone(),
             committer_done.clone(),
         ));
         let qos = if self.config.qos == 0 {
@@ -256,6 +258,7 @@ async fn commit_loop(
     ingest: Ingest,
     client: AsyncClient,
     mut rx: mpsc::Receiver<Publish>,
+    stop: CancellationToken,
     done: CancellationToken,
 ) {
     let mut group = Vec::with_capacity(COMMIT_GROUP);
@@ -275,7 +278,14 @@ async fn commit_loop(
                 .attributes
                 .extend(topic_attributes(&topic_fields, &event.topic));
         }
-        commit(&source, &ingest, events, filtered.marks).await;
+        if !commit(&source, &ingest, events, filtered.marks, &stop).await {
+            tracing::warn!(
+                source,
+                messages = group.len(),
+                "stopping with mqtt messages the spool did not take; left unacked with the broker"
+            );
+            break;
+        }
         if let (Some(first), Some(last)) = (group.first(), group.last()) {
             tracing::debug!(
                 source,
@@ -324,10 +334,20 @@ fn topic_attributes(topic_fields: &[String], topic: &str) -> Vec<(String, String
 }
 
 /// Commits one group, waiting out a full spool or a failing disk: the
-/// broker keeps the messages meanwhile because they are not acked.
-async fn commit(source: &str, ingest: &Ingest, events: Vec<Event>, marks: Vec<Mark>) {
+/// broker keeps the messages meanwhile because they are not acked. False
+/// when `stop` came first: nothing of the group was stored.
+async fn commit(
+    source: &str,
+    ingest: &Ingest,
+    events: Vec<Event>,
+    marks: Vec<Mark>,
+    stop: &CancellationToken,
+) -> bool {
     let mut waited = false;
     loop {
+        if waited && stop.is_cancelled() {
+            return false;
+        }
         match ingest
             .ingest_marked(source, events.clone(), marks.clone())
             .await
@@ -336,7 +356,7 @@ async fn commit(source: &str, ingest: &Ingest, events: Vec<Event>, marks: Vec<Ma
                 if waited {
                     tracing::info!(source, "spool accepts events again; mqtt acks resume");
                 }
-                return;
+                return true;
             }
             Err(IngestError::Spool(SpoolError::Full)) => {
                 if !waited {
@@ -345,11 +365,17 @@ async fn commit(source: &str, ingest: &Ingest, events: Vec<Event>, marks: Vec<Ma
                         "spool full: holding mqtt acks, the broker keeps the messages"
                     );
                 }
-                ingest.space_freed(Duration::from_secs(1)).await;
+                tokio::select! {
+                    _ = ingest.space_freed(Duration::from_secs(1)) => {}
+                    _ = stop.cancelled() => {}
+                }
             }
             Err(e) => {
                 tracing::error!(source, error = %e, "cannot commit mqtt messages; retrying in 1s");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.cancelled() => {}
+                }
             }
         }
         waited = true;
