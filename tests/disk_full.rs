@@ -58,6 +58,43 @@ fn tmpfs_or_skip(dir: &Path, size: &str) -> Option<Tmpfs> {
     disk
 }
 
+/// The `[agent]` and `[spool]` head of a config whose data_dir is on the
+/// tmpfs, with no free-disk floor: the filesystem itself must run out.
+fn full_disk_agent(id: &str) -> String {
+    config::agent(id).replace(
+        "when_full = \"block\"",
+        "when_full = \"block\"\nmin_free = \"0B\"",
+    )
+}
+
+/// Waits until every id of `acked` is in S3, asserts none is there twice,
+/// then SIGTERMs the agent and asserts a clean exit; `what` heads the
+/// printed figures.
+async fn assert_in_s3_once_then_exit(
+    agent: &mut Agent,
+    s3: &S3Server,
+    acked: &HashSet<String>,
+    secs: u64,
+    what: &str,
+) {
+    let mut lake = harness::S3Lake::new(s3);
+    let t0 = std::time::Instant::now();
+    let snap = lake
+        .wait_for(acked, harness::deadline(secs), t0)
+        .await
+        .unwrap();
+    let ids: Vec<String> = snap.records.iter().filter_map(|r| r.id()).collect();
+    let distinct: HashSet<&String> = ids.iter().collect();
+    println!(
+        "{what}, {} in S3, {} duplicates",
+        distinct.len(),
+        ids.len() - distinct.len()
+    );
+    assert_eq!(ids.len(), distinct.len(), "no event may be uploaded twice");
+    let status = agent.sigterm_and_wait(Duration::from_secs(60)).await;
+    assert!(status.success(), "silt must exit 0, got {status}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enospc_blocks_keeps_acked_events_and_recovers() {
     let scratch = Scratch::new("disk-full");
@@ -67,11 +104,8 @@ async fn enospc_blocks_keeps_acked_events_and_recovers() {
     let mut s3 = S3Server::start(scratch.path(), "telemetry");
     s3.stop();
     let port = free_port();
-    // No free-disk floor: the filesystem itself must run out.
-    let cfg = config::agent("gw-full").replace(
-        "when_full = \"block\"",
-        "when_full = \"block\"\nmin_free = \"0B\"",
-    ) + &config::http_source("api", port, None, "16MiB")
+    let cfg = full_disk_agent("gw-full")
+        + &config::http_source("api", port, None, "16MiB")
         + &config::s3_sink(
             "lake",
             &["api"],
@@ -135,23 +169,11 @@ async fn enospc_blocks_keeps_acked_events_and_recovers() {
     acked.insert("after-full".into());
 
     s3.start_again();
-    let mut lake = harness::S3Lake::new(&s3);
-    let t0 = std::time::Instant::now();
-    let snap = lake
-        .wait_for(&acked, harness::deadline(120), t0)
-        .await
-        .unwrap();
-    let ids: Vec<String> = snap.records.iter().filter_map(|r| r.id()).collect();
-    let distinct: HashSet<&String> = ids.iter().collect();
-    println!(
-        "disk full: {} events acked before/after ENOSPC, {refused} requests refused, {} in S3, {} duplicates",
-        acked.len(),
-        distinct.len(),
-        ids.len() - distinct.len()
+    let what = format!(
+        "disk full: {} events acked before/after ENOSPC, {refused} requests refused",
+        acked.len()
     );
-    assert_eq!(ids.len(), distinct.len(), "no event may be uploaded twice");
-    let status = agent.sigterm_and_wait(Duration::from_secs(60)).await;
-    assert!(status.success(), "silt must exit 0, got {status}");
+    assert_in_s3_once_then_exit(&mut agent, &s3, &acked, 120, &what).await;
 }
 
 /// The MQTT commit loop used to retry a full disk forever without looking
@@ -167,10 +189,8 @@ async fn enospc_under_mqtt_and_http_recovers_and_every_message_arrives_once() {
     let mut s3 = S3Server::start(scratch.path(), "telemetry");
     s3.stop();
     let port = free_port();
-    let cfg = config::agent("gw-full-mqtt").replace(
-        "when_full = \"block\"",
-        "when_full = \"block\"\nmin_free = \"0B\"",
-    ) + &config::mqtt_source("sensors", &broker.url(), &["full/#"])
+    let cfg = full_disk_agent("gw-full-mqtt")
+        + &config::mqtt_source("sensors", &broker.url(), &["full/#"])
         + &config::http_source("api", port, None, "16MiB")
         + &config::s3_sink(
             "lake",
@@ -222,23 +242,11 @@ async fn enospc_under_mqtt_and_http_recovers_and_every_message_arrives_once() {
     let mut acked: HashSet<String> = report.acked.iter().cloned().collect();
     acked.insert("after-full".into());
     s3.start_again();
-    let mut lake = harness::S3Lake::new(&s3);
-    let t0 = std::time::Instant::now();
-    let snap = lake
-        .wait_for(&acked, harness::deadline(180), t0)
-        .await
-        .unwrap();
-    let ids: Vec<String> = snap.records.iter().filter_map(|r| r.id()).collect();
-    let distinct: HashSet<&String> = ids.iter().collect();
-    println!(
-        "disk full with mqtt: {} messages acked by the broker, {} events in S3, {} duplicates",
-        report.acked.len(),
-        distinct.len(),
-        ids.len() - distinct.len()
+    let what = format!(
+        "disk full with mqtt: {} messages acked by the broker",
+        report.acked.len()
     );
-    assert_eq!(ids.len(), distinct.len(), "no event may be uploaded twice");
-    let status = agent.sigterm_and_wait(Duration::from_secs(60)).await;
-    assert!(status.success(), "silt must exit 0, got {status}");
+    assert_in_s3_once_then_exit(&mut agent, &s3, &acked, 180, &what).await;
 }
 
 /// SIGTERM with the spool full (its cap, not the disk), S3 down and MQTT
