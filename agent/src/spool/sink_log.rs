@@ -184,7 +184,7 @@ impl SinkLog {
     }
 
     /// Writes the chunks built since the last call to the segment files;
-    /// [`SinkLog::insert_refs`] then records them in sled. Durable after the
+    /// [`SinkLog::ref_batch`] then numbers them for sled. Durable after the
     /// segments are synced and sled flushed.
     pub fn write_chunks(&mut self) -> Result<Vec<(u64, ChunkRef)>, SpoolError> {
         self.filling.clear();
