@@ -11,7 +11,7 @@ use crate::media::{MediaDir, MediaRef};
 use futures::future::BoxFuture;
 
 use crate::sinks::{Checkpoint, ObjectInfo, Sink, SinkError, UploadState, Written};
-use crate::spool::{BatchMeta, Mark, SinkId, Spool, SpoolError};
+use crate::spool::{Admission, BatchMeta, Mark, SinkId, Spool, SpoolError};
 
 pub struct MediaSink {
     pub dir: MediaDir,
@@ -87,6 +87,8 @@ impl MediaSink {
     }
 
     /// After the object is confirmed: index line, complete, clean up.
+    /// Returns how many older records `drop_oldest` removed to make room
+    /// for the index line.
     #[allow(clippy::too_many_arguments)]
     pub async fn finish(
         &self,
@@ -97,7 +99,8 @@ impl MediaSink {
         key: &str,
         media: &MediaRef,
         event: &Event,
-    ) -> Result<(), SpoolError> {
+    ) -> Result<u64, SpoolError> {
+        let mut dropped_old = 0;
         let sidecar_key = meta.seq.to_be_bytes().to_vec();
         if !self.sidecar_sinks.is_empty()
             && spool.mark(&sidecar_tree(name), &sidecar_key)?.is_none()
@@ -108,9 +111,11 @@ impl MediaSink {
                 key: sidecar_key.clone(),
                 value: b"1".to_vec(),
             };
-            spool
-                .append_groups(vec![(self.sidecar_sinks.clone(), vec![line])], vec![mark])
-                .await?;
+            let groups = vec![(self.sidecar_sinks.clone(), vec![line])];
+            dropped_old = spool
+                .append_admitted(groups, vec![mark], Admission::NeverDrop)
+                .await?
+                .dropped_old;
         }
         spool.complete(sink, meta).await?;
         self.dir.remove(&media.file);
@@ -123,7 +128,7 @@ impl MediaSink {
                 ],
             )
             .await?;
-        Ok(())
+        Ok(dropped_old)
     }
 }
 

@@ -13,6 +13,7 @@ mod object;
 mod parquet;
 mod progress;
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,6 +44,9 @@ pub struct Batcher {
     metrics: Arc<Metrics>,
     progress: std::sync::Mutex<progress::BacklogProgress>,
 }
+
+/// The longest wait before retrying a step the spool refused.
+const SPOOL_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// How often a raw sink looks for media files nothing refers to any more.
 const MEDIA_SWEEP_EVERY: Duration = Duration::from_secs(15 * 60);
@@ -104,6 +108,7 @@ impl Batcher {
     /// is uploaded, or until `stop` is cancelled (leaving the rest spooled).
     pub async fn run(self, drain: CancellationToken, stop: CancellationToken) {
         let mut last_sweep: Option<std::time::Instant> = None;
+        let mut failures = 0;
         loop {
             if self.encoding.format == Format::Raw
                 && last_sweep.is_none_or(|t| t.elapsed() >= MEDIA_SWEEP_EVERY)
@@ -114,12 +119,18 @@ impl Batcher {
                 }
             }
             match self.step(&drain, &stop).await {
-                Ok(Step::Continue) => {}
+                Ok(Step::Continue) => failures = 0,
                 Ok(Step::Done) => return,
                 Err(e) => {
-                    tracing::error!(sink = %self.name, error = %e, "spool error while batching; retrying in 1s");
+                    let delay = backoff(failures + 3, SPOOL_RETRY_MAX);
+                    failures += 1;
+                    if matches!(e, SpoolError::Full) {
+                        tracing::warn!(sink = %self.name, retry_in = ?delay, "spool full: the media index line of an uploaded object waits for room (the batch stays sealed)");
+                    } else {
+                        tracing::error!(sink = %self.name, error = %e, retry_in = ?delay, "spool error while batching; the batch stays sealed and is retried");
+                    }
                     tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = tokio::time::sleep(delay) => {}
                         _ = stop.cancelled() => return,
                     }
                 }
@@ -135,24 +146,15 @@ impl Batcher {
         if stop.is_cancelled() {
             return Ok(Step::Done);
         }
-        let mut pending = self.spool.take_pending(self.sink).into_iter();
-        while let Some(meta) = pending.next() {
-            let loaded = match self.spool.load_batch(self.sink, &meta) {
-                Ok(loaded) => loaded,
-                Err(e) => {
-                    self.spool
-                        .return_pending(self.sink, std::iter::once(meta).chain(pending).collect());
-                    return Err(e);
-                }
-            };
-            if loaded.missing > 0 {
-                tracing::info!(sink = %self.name, key = %meta.key, "batch was uploaded before a restart; finishing its removal");
-                self.spool.complete(self.sink, meta).await?;
-                continue;
-            }
-            tracing::info!(sink = %self.name, key = %meta.key, records = meta.records, "uploading batch sealed earlier");
-            if !self.upload(meta, &loaded.events, stop).await? {
-                return Ok(Step::Done);
+        // A batch leaves the queue only once handled; an error or a stop puts
+        // it (and those behind it) back for the next step.
+        let mut pending: VecDeque<BatchMeta> = self.spool.take_pending(self.sink).into();
+        while let Some(meta) = pending.pop_front() {
+            let handled = self.upload_sealed_earlier(&meta, stop).await;
+            if !matches!(handled, Ok(true)) {
+                pending.push_front(meta);
+                self.spool.return_pending(self.sink, pending.into());
+                return handled.map(|_| Step::Done);
             }
         }
         let draining = drain.is_cancelled();
@@ -166,10 +168,11 @@ impl Batcher {
             || stats.partitions > self.batch.max_partitions
             || (draining && stats.unsealed_records > 0);
         if due && let Some((meta, events)) = self.seal(draining).await? {
-            if !self.upload(meta, &events, stop).await? {
-                return Ok(Step::Done);
+            let handled = self.upload(&meta, &events, stop).await;
+            if !matches!(handled, Ok(true)) {
+                self.spool.return_pending(self.sink, vec![meta]);
             }
-            return Ok(Step::Continue);
+            return handled.map(|done| if done { Step::Continue } else { Step::Done });
         }
         if draining {
             return Ok(Step::Done);
@@ -184,6 +187,27 @@ impl Batcher {
             _ = stop.cancelled() => {}
         }
         Ok(Step::Continue)
+    }
+
+    /// A batch sealed by an earlier step or run: finishes its removal when
+    /// its records are gone already, else uploads it.
+    async fn upload_sealed_earlier(
+        &self,
+        meta: &BatchMeta,
+        stop: &CancellationToken,
+    ) -> Result<bool, SpoolError> {
+        let loaded = self.spool.load_batch(self.sink, meta)?;
+        if loaded.missing > 0 {
+            tracing::info!(sink = %self.name, key = %meta.key, "batch was uploaded before a restart; finishing its removal");
+            self.spool.complete(self.sink, meta.clone()).await?;
+            return Ok(true);
+        }
+        if meta.repaired > 0 {
+            tracing::warn!(sink = %self.name, key = %meta.key, records = meta.records, quarantined = meta.repaired, "uploading the good records of a batch `silt spool check --repair` shortened");
+        } else {
+            tracing::info!(sink = %self.name, key = %meta.key, records = meta.records, "uploading batch sealed earlier");
+        }
+        self.upload(meta, &loaded.events, stop).await
     }
 
     async fn seal(&self, draining: bool) -> Result<Option<(BatchMeta, Vec<Event>)>, SpoolError> {
@@ -206,12 +230,12 @@ impl Batcher {
     /// spool. Returns `false` if `stop` ended the attempt first.
     async fn upload(
         &self,
-        meta: BatchMeta,
+        meta: &BatchMeta,
         events: &[Event],
         stop: &CancellationToken,
     ) -> Result<bool, SpoolError> {
         if events.is_empty() {
-            self.spool.complete(self.sink, meta).await?;
+            self.spool.complete(self.sink, meta.clone()).await?;
             return Ok(true);
         }
         let built = {
@@ -225,7 +249,7 @@ impl Batcher {
             Ok(object) => object,
             Err(reason) => {
                 tracing::error!(sink = %self.name, key = %meta.key, reason, "batch cannot be uploaded; removing it from the spool");
-                self.spool.complete(self.sink, meta).await?;
+                self.spool.complete(self.sink, meta.clone()).await?;
                 return Ok(true);
             }
         };
@@ -274,7 +298,7 @@ impl Batcher {
                         "media file is gone (deleted outside silt?); its object cannot be written, removing it from the spool"
                     );
                     self.metrics.uploading(&self.name, None);
-                    self.spool.complete(self.sink, meta).await?;
+                    self.spool.complete(self.sink, meta.clone()).await?;
                     return Ok(true);
                 }
                 Err(e) => {
@@ -297,12 +321,20 @@ impl Batcher {
             .object_committed(&self.name, meta.records, size);
         let records = meta.records;
         let completed = match &object {
-            Object::File { media, event, .. } => {
-                self.media
-                    .finish(&self.spool, self.sink, &self.name, meta, &key, media, event)
-                    .await
-            }
-            _ => self.spool.complete(self.sink, meta).await,
+            Object::File { media, event, .. } => self
+                .media
+                .finish(
+                    &self.spool,
+                    self.sink,
+                    &self.name,
+                    meta.clone(),
+                    &key,
+                    media,
+                    event,
+                )
+                .await
+                .map(|dropped_old| self.metrics.dropped(0, dropped_old)),
+            _ => self.spool.complete(self.sink, meta.clone()).await,
         };
         self.metrics.uploading(&self.name, None);
         completed?;

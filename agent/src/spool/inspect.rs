@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::Path;
 
 use super::sink_log::{Chunk, decode_ref, read_chunk};
-use super::state::{decode_meta, segment_dir};
+use super::state::{decode_meta, encode_meta, segment_dir};
 use super::{SpoolError, move_aside, open_db, panic_message};
 use crate::event::now_ms;
 
@@ -173,9 +173,10 @@ fn check_inner(data_dir: &Path, repair: bool) -> Result<CheckReport, SpoolError>
     for sink in sink_trees(&db) {
         let dir = segment_dir(&data_dir.join("spool"), &sink);
         let chunks = db.open_tree(format!("chunks/{sink}"))?;
+        let mut damaged = Vec::new();
         for item in chunks.iter() {
             let (k, v) = item?;
-            let (_, seq, r) = decode_ref(&k, &v)?;
+            let (partition, seq, r) = decode_ref(&k, &v)?;
             report.records += r.count as u64;
             let Chunk::Damaged { detail, raw } = read_chunk(&dir, &r)? else {
                 continue;
@@ -184,6 +185,7 @@ fn check_inner(data_dir: &Path, repair: bool) -> Result<CheckReport, SpoolError>
                 "sink {sink} chunk {seq} ({} records): {detail}",
                 r.count
             ));
+            damaged.push((partition, seq, r.count as u64, r.bytes));
             if repair {
                 keep(format!("{sink}-chunk-{seq:020}.bin"), &raw)?;
                 chunks.remove(&k)?;
@@ -194,8 +196,12 @@ fn check_inner(data_dir: &Path, repair: bool) -> Result<CheckReport, SpoolError>
         for item in batches.iter() {
             let (k, v) = item?;
             report.batches += 1;
-            let Err(problem) = decode_meta(&v) else {
-                continue;
+            let problem = match decode_meta(&v) {
+                Ok(meta) => {
+                    reseal(&batches, &k, meta, &damaged, repair, &sink, &mut report)?;
+                    continue;
+                }
+                Err(problem) => problem,
             };
             let seq = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]));
             report
@@ -211,6 +217,62 @@ fn check_inner(data_dir: &Path, repair: bool) -> Result<CheckReport, SpoolError>
     db.flush()?;
     super::sync_db(&data_dir.join("spool")).map_err(io)?;
     Ok(report)
+}
+
+/// A sealed batch whose range holds `damaged` chunks: with `repair`, its
+/// meta is rewritten to cover only the good records, so the batcher uploads
+/// them (under the same key) instead of reading the gap as "completed
+/// before a crash" and dropping them; a batch left with none is removed.
+fn reseal(
+    batches: &sled::Tree,
+    key: &[u8],
+    mut meta: super::BatchMeta,
+    damaged: &[(u64, u64, u64, u64)],
+    repair: bool,
+    sink: &str,
+    report: &mut CheckReport,
+) -> Result<(), SpoolError> {
+    let (mut records, mut bytes) = (0, 0);
+    for &(partition, seq, count, size) in damaged {
+        if partition == meta.partition && (meta.first..=meta.last).contains(&seq) {
+            records += count;
+            bytes += size;
+        }
+    }
+    if records == 0 {
+        return Ok(());
+    }
+    let survivors = meta.count.saturating_sub(records);
+    let fix = if survivors == 0 {
+        "removed with them: nothing in it is left to upload"
+    } else {
+        "re-sealed with the good records, which upload under the same key"
+    };
+    report.problems.push(format!(
+        "sink {sink} batch {} (key {}): {records} of its {} records are in damaged chunks{}",
+        meta.seq,
+        meta.key,
+        meta.count,
+        if repair {
+            format!("; {fix}")
+        } else {
+            String::new()
+        }
+    ));
+    if !repair {
+        return Ok(());
+    }
+    if survivors == 0 {
+        batches.remove(key)?;
+    } else {
+        meta.count = survivors;
+        meta.records = meta.records.saturating_sub(records).min(survivors);
+        meta.bytes = meta.bytes.saturating_sub(bytes);
+        meta.repaired += records;
+        batches.insert(key, encode_meta(&meta))?;
+    }
+    report.repaired += 1;
+    Ok(())
 }
 
 /// Writes every pending record as NDJSON (`{"sink","seq","ts_ms","topic",
@@ -351,12 +413,12 @@ mod tests {
         let report = check(dir.path(), false).unwrap();
         assert_eq!(
             (report.records, report.batches, report.problems.len()),
-            (2, 1, 2),
-            "{:?}",
+            (2, 1, 3),
+            "two chunk references and the sealed batch holding one: {:?}",
             report.problems
         );
         let report = check(dir.path(), true).unwrap();
-        assert_eq!(report.repaired, 2);
+        assert_eq!(report.repaired, 3, "{:?}", report.problems);
         assert!(check(dir.path(), false).unwrap().problems.is_empty());
         assert_eq!(
             std::fs::read_dir(dir.path().join("quarantine"))
@@ -364,5 +426,81 @@ mod tests {
                 .count(),
             2
         );
+    }
+
+    /// Three appends (three chunks) sealed as one batch; the middle chunk is
+    /// damaged. After `--repair` the batch must still hand out the two good
+    /// records, with nothing "missing" that would make the batcher think it
+    /// was uploaded before a crash.
+    #[test]
+    fn repair_keeps_the_good_records_of_a_sealed_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = SpoolConfig {
+            max_bytes: ByteSize::gib(1),
+            when_full: WhenFull::Block,
+            min_free: ByteSize::b(0),
+        };
+        let rule = super::super::SealRule {
+            max_records: u64::MAX,
+            max_bytes: u64::MAX,
+            max_age_ms: 0,
+            max_partitions: usize::MAX,
+            force: true,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let spool = Spool::open(dir.path(), &["lake".to_string()], &cfg).unwrap();
+        let payload = |i: u8| vec![b'a' + i; 64];
+        rt.block_on(async {
+            for i in 0..3 {
+                let event = Event::new(1_000 + i as i64, "t", payload(i));
+                spool.append(&[0], vec![event]).await.unwrap();
+            }
+            spool.seal(0, rule, |_, s| format!("k{s}")).await.unwrap();
+        });
+        spool.close().unwrap();
+        let segments = segment_dir(&dir.path().join("spool"), "lake");
+        let file = std::fs::read_dir(&segments)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let mut raw = std::fs::read(&file).unwrap();
+        let middle = raw
+            .windows(64)
+            .position(|w| w == payload(1).as_slice())
+            .expect("the middle payload is in the segment");
+        raw[middle + 10] ^= 0xff;
+        std::fs::write(&file, raw).unwrap();
+
+        let report = check(dir.path(), true).unwrap();
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.contains("batch 0 (key k0): 1 of its 3 records")),
+            "the report names the batch and the count: {:?}",
+            report.problems
+        );
+        assert!(check(dir.path(), false).unwrap().problems.is_empty());
+
+        let spool = Spool::open(dir.path(), &["lake".to_string()], &cfg).unwrap();
+        let pending = spool.take_pending(0);
+        assert_eq!(pending.len(), 1);
+        assert_eq!(
+            (
+                pending[0].key.as_str(),
+                pending[0].records,
+                pending[0].repaired
+            ),
+            ("k0", 2, 1)
+        );
+        let loaded = spool.load_batch(0, &pending[0]).unwrap();
+        assert_eq!(loaded.missing, 0);
+        let payloads: Vec<Vec<u8>> = loaded.events.iter().map(|e| e.payload.to_vec()).collect();
+        assert_eq!(payloads, [payload(0), payload(2)]);
+        spool.close().unwrap();
     }
 }

@@ -34,7 +34,8 @@ pub use chunk::{DecodeError, decode_chunk, encode_chunk, encoded_len};
 pub use sink_log::LoadedBatch;
 use state::SpoolState;
 pub use types::{
-    AppendOutcome, BatchMeta, Mark, Partitioner, SealRule, SinkSpec, SinkStats, StoredMarks,
+    Admission, AppendOutcome, BatchMeta, Mark, Partitioner, SealRule, SinkSpec, SinkStats,
+    StoredMarks,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +73,7 @@ enum Command {
     Append {
         groups: Vec<(Vec<SinkId>, Vec<Event>)>,
         marks: Vec<Mark>,
+        admission: Admission,
         reply: oneshot::Sender<Result<AppendOutcome, SpoolError>>,
     },
     Seal {
@@ -255,6 +257,17 @@ impl Spool {
         groups: Vec<(Vec<SinkId>, Vec<Event>)>,
         marks: Vec<Mark>,
     ) -> Result<AppendOutcome, SpoolError> {
+        self.append_admitted(groups, marks, Admission::Policy).await
+    }
+
+    /// [`Spool::append_groups`] with `admission` deciding what a full spool
+    /// may do to these events.
+    pub async fn append_admitted(
+        &self,
+        groups: Vec<(Vec<SinkId>, Vec<Event>)>,
+        marks: Vec<Mark>,
+        admission: Admission,
+    ) -> Result<AppendOutcome, SpoolError> {
         let groups: Vec<_> = groups
             .into_iter()
             .filter(|(sinks, events)| !sinks.is_empty() && !events.is_empty())
@@ -266,6 +279,7 @@ impl Spool {
         self.send(Command::Append {
             groups,
             marks,
+            admission,
             reply,
         })?;
         rx.await.map_err(|_| SpoolError::Closed)?

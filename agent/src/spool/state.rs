@@ -22,7 +22,9 @@ use super::segments::Segments;
 use super::sink_log::{
     Chunk, OpenPartition, SinkLog, decode_ref, quarantine, read_chunk, record_key,
 };
-use super::types::{AppendOutcome, BatchMeta, Limits, Mark, Reached, SealRule, SinkSpec};
+use super::types::{
+    Admission, AppendOutcome, BatchMeta, Limits, Mark, Reached, SealRule, SinkSpec,
+};
 use crate::config::WhenFull;
 use crate::event::Event;
 
@@ -197,11 +199,12 @@ impl SpoolState {
     }
 
     /// Stores each group's events for each of its sinks, all or nothing,
-    /// applying the full policy to the total.
+    /// applying the full policy (as `admission` allows) to the total.
     pub fn append(
         &mut self,
         groups: &[(Vec<usize>, Vec<Event>)],
         marks: &[Mark],
+        admission: Admission,
     ) -> Result<AppendOutcome, SpoolError> {
         let lens: Vec<Vec<u64>> = groups
             .iter()
@@ -218,8 +221,10 @@ impl SpoolState {
         // Marks alone (upload progress) are tiny and free space later.
         let disk_short = count > 0 && self.limits.disk_short(need);
         if count > 0 && (over_cap > 0 || disk_short) {
+            let never_drop = admission == Admission::NeverDrop;
             match self.limits.when_full {
                 WhenFull::Block => return Err(SpoolError::Full),
+                WhenFull::DropNewest if never_drop => return Err(SpoolError::Full),
                 WhenFull::DropNewest => {
                     outcome.dropped_new = count;
                     return Ok(outcome);
@@ -232,6 +237,9 @@ impl SpoolState {
                     };
                     let (dropped, freed) = self.drop_oldest(want)?;
                     outcome.dropped_old = dropped;
+                    if freed < want && never_drop {
+                        return Err(SpoolError::Full);
+                    }
                     if freed < want {
                         outcome.dropped_new = count;
                         return Ok(outcome);
@@ -476,6 +484,7 @@ impl SpoolState {
             count,
             bytes,
             sealed_ms: now_ms,
+            repaired: 0,
         };
         log.batches.insert(be(meta.seq), encode_meta(&meta))?;
         log.next_batch += 1;
@@ -548,7 +557,7 @@ impl SpoolState {
 }
 
 /// A sealed batch as stored: `crc32 u32 LE | JSON`.
-fn encode_meta(meta: &BatchMeta) -> Vec<u8> {
+pub(super) fn encode_meta(meta: &BatchMeta) -> Vec<u8> {
     let json = serde_json::to_vec(meta).expect("serialisable");
     let mut out = crc32fast::hash(&json).to_le_bytes().to_vec();
     out.extend_from_slice(&json);

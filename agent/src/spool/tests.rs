@@ -112,6 +112,38 @@ fn drop_newest_counts_and_keeps_what_was_there() {
     });
 }
 
+/// A media index line is metadata of data already accepted: a full spool
+/// refuses it (the batcher retries) under every policy, never drops it.
+#[test]
+fn never_drop_appends_are_refused_not_dropped_when_full() {
+    for when_full in [WhenFull::DropNewest, WhenFull::DropOldest, WhenFull::Block] {
+        let dir = tempfile::tempdir().unwrap();
+        let one = encoded_len(&ev(0, &[0; 100]));
+        let spool = Spool::open(dir.path(), &sinks(), &config(one * 2, when_full)).unwrap();
+        rt().block_on(async {
+            let (meta, _) = {
+                spool
+                    .append(&[0], vec![ev(1, &[0; 100]), ev(2, &[0; 100])])
+                    .await
+                    .unwrap();
+                seal_all(&spool, 0).await.unwrap()
+            };
+            let line = vec![(vec![1], vec![ev(3, &[0; 100])])];
+            let err = spool
+                .append_admitted(line.clone(), Vec::new(), Admission::NeverDrop)
+                .await
+                .unwrap_err();
+            assert!(matches!(err, SpoolError::Full), "{when_full:?}: {err}");
+            spool.complete(0, meta).await.unwrap();
+            let out = spool
+                .append_admitted(line, Vec::new(), Admission::NeverDrop)
+                .await
+                .unwrap();
+            assert_eq!((out.stored, out.dropped_new), (1, 0), "{when_full:?}");
+        });
+    }
+}
+
 #[test]
 fn drop_oldest_removes_the_oldest_unsealed_records_across_sinks() {
     let dir = tempfile::tempdir().unwrap();

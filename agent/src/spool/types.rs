@@ -28,6 +28,11 @@ pub struct BatchMeta {
     /// Encoded bytes of the range in the spool.
     pub bytes: u64,
     pub sealed_ms: i64,
+    /// Records of damaged chunks `silt spool check --repair` removed from
+    /// the range (they are in quarantine); `records`, `count` and `bytes`
+    /// cover the survivors, so the batch uploads them like any other.
+    #[serde(default)]
+    pub repaired: u64,
 }
 
 /// What the batcher needs to decide when to seal.
@@ -85,6 +90,18 @@ pub struct AppendOutcome {
     pub dropped_new: usize,
     /// Older records dropped by `drop_oldest` to make room.
     pub dropped_old: u64,
+}
+
+/// What a full spool may do with an append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// `spool.when_full` decides: block, or drop new or old records.
+    Policy,
+    /// Metadata of data already accepted (a media index line): never
+    /// dropped. Older records may still make room under `drop_oldest`;
+    /// otherwise the append fails with [`super::SpoolError::Full`] and the
+    /// caller retries.
+    NeverDrop,
 }
 
 /// When the spool counts as full.

@@ -88,8 +88,9 @@ fn apply(state: &mut SpoolState, command: Command) -> Reply {
         Command::Append {
             groups,
             marks,
+            admission,
             reply,
-        } => Reply::Append(reply, state.append(&groups, &marks)),
+        } => Reply::Append(reply, state.append(&groups, &marks, admission)),
         Command::Seal {
             sink,
             rule,
