@@ -212,3 +212,84 @@ async fn http_to_file_sink_flushes_on_sigterm() {
         );
     }
 }
+
+/// `Idempotency-Key`: a repeat gets the first reply (marked replayed) and
+/// stores nothing, also after a SIGKILL and restart; the same key with
+/// another body is refused with 422; a malformed key with 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_key_repeats_get_the_first_reply_and_store_once() {
+    let mut st = Stack::start(
+        "e2e-idem",
+        "gw-idem",
+        &config::batch(100, "8MiB", "1s"),
+        &["idem/#"],
+    )
+    .await;
+    let client = st.http();
+    let first = http::IngestReq::array(
+        "idem",
+        vec![
+            payload::json_event("idem-1", 1, 64),
+            payload::json_event("idem-2", 2, 64),
+        ],
+    );
+    let other = http::IngestReq::single("idem", payload::json_event("idem-3", 3, 64));
+    let key = Some("0d5c7f7e-idem-key");
+
+    let sent = client.ingest_keyed(&first, key).await.unwrap();
+    assert_eq!((sent.status, sent.replayed), (202, false), "{}", sent.body);
+    let again = client.ingest_keyed(&first, key).await.unwrap();
+    assert_eq!(
+        (again.status, again.replayed),
+        (202, true),
+        "{}",
+        again.body
+    );
+    assert_eq!(again.body, sent.body, "the first reply, byte for byte");
+    let reused = client.ingest_keyed(&other, key).await.unwrap();
+    assert_eq!(reused.status, 422, "{}", reused.body);
+    let bad = client
+        .ingest_keyed(&other, Some("has space"))
+        .await
+        .unwrap();
+    assert_eq!(bad.status, 400, "{}", bad.body);
+
+    // The key is on disk with the events: a crash does not forget it.
+    st.agent.kill9();
+    st.agent.spawn();
+    st.agent.wait_stack_up().await;
+    let after = client.ingest_keyed(&first, key).await.unwrap();
+    assert_eq!(
+        (after.status, after.replayed),
+        (202, true),
+        "{}",
+        after.body
+    );
+    let fresh = client
+        .ingest_keyed(&other, Some("another-key"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (fresh.status, fresh.replayed),
+        (202, false),
+        "{}",
+        fresh.body
+    );
+
+    let mut exp = Expected::new(&st.agent_id);
+    for r in [&first, &other] {
+        for (id, body) in &r.events {
+            exp.add(id, &r.stream, body.clone());
+        }
+    }
+    let ids: HashSet<String> = ["idem-1", "idem-2", "idem-3"].map(String::from).into();
+    let mut lake = st.lake();
+    let snap = lake
+        .wait_for(&ids, harness::deadline(60), st.t0)
+        .await
+        .unwrap();
+    st.stop_agent_cleanly().await;
+    let verdict = Verdict::compute(&exp, &ids, &snap);
+    st.note(verdict.summary());
+    verdict.assert_exactly_once();
+}

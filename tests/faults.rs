@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use faults_support::*;
 use harness::config;
-use harness::http::{IngestReq, mixed_requests, spawn_load};
+use harness::http::{IngestReq, mixed_requests, spawn_load, spawn_retrying_load};
 use harness::mqtt::{PubOpts, messages, spawn_publisher};
 use harness::payload::json_event;
 
@@ -73,7 +73,10 @@ async fn crash_loop_keeps_every_acked_event_once() {
             ..Default::default()
         },
     );
-    let (hp, hh) = spawn_load(st.http(), reqs, 4, Some(HTTP_RATE));
+    // HTTP clients retry every request under its Idempotency-Key after any
+    // transport error or 5xx: a request committed just before a kill is
+    // answered from the spool by the next run, not stored twice.
+    let (hp, hh) = spawn_retrying_load(st.http(), reqs, 4, Some(HTTP_RATE));
 
     let t_trials = Instant::now();
     let (mut aimed_s3, mut aimed_mqtt, mut s3_down_kills) = (0, 0, 0);
@@ -187,7 +190,8 @@ async fn crash_loop_keeps_every_acked_event_once() {
          {aimed_mqtt} after a commit whose PUBACK was lost) in {trials_took:.1?} (seed {seed}); events acked {} (mqtt {}, http {}); \
          lost {}; duplicated ids {} ({} across objects: {} same spool record, {} mqtt redelivery, {} http); \
          sealed batches resumed after a kill {resumed}, objects found already written {already}, key conflicts {conflicts}, \
-         mqtt redeliveries recognised and not stored again {redelivered}",
+         mqtt redeliveries recognised and not stored again {redelivered}; http requests retried {} ({} answered with \
+         the first reply of their Idempotency-Key)",
         acked.len(),
         mrep.acked.len(),
         hrep.acked.len(),
@@ -197,6 +201,8 @@ async fn crash_loop_keeps_every_acked_event_once() {
         t.dup_same_record.len(),
         t.dup_mqtt_redelivered.len(),
         t.dup_http.len(),
+        hrep.retried,
+        hrep.replayed,
     );
     st.note(t.summary());
     assert!(

@@ -1,6 +1,6 @@
 //! Hot reload: a valid config change is applied under load with no event
 //! lost or duplicated; an invalid one is rejected and the old pipeline keeps
-//! running.
+//! running; one that fails to start falls back to the old config.
 
 mod harness;
 
@@ -159,14 +159,67 @@ async fn invalid_change_is_rejected_and_the_old_pipeline_keeps_running() {
         "a rejected reload must not stop the agent"
     );
 
-    // The old pipeline still takes and uploads events.
-    let msgs = messages("b", 500, &["rb/x"], 0, 100);
-    let exp = expected(&st, &msgs);
-    let (_p, publisher) =
-        spawn_publisher(st.broker.port, "reload-bad-pub", msgs, PubOpts::default());
+    old_pipeline_delivers(&mut st, "b", "rb/x").await;
+}
+
+/// A config that passes validation but cannot start (a new HTTP source on a
+/// port another process holds): the agent must not exit, and the previous
+/// config must serve again. Before starts were transactional, the admin api
+/// task kept sled's lock, the fallback could not open the spool, and the
+/// process exited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_that_fails_to_start_falls_back_to_the_old_pipeline() {
+    let mut st = Stack::start(
+        "reload-nostart",
+        "gw-reload-nostart",
+        &config::batch(100, "8MiB", "1s"),
+        &["rn/#"],
+    )
+    .await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let good = std::fs::read_to_string(&st.agent.config).unwrap();
+    let inputs = "inputs = [\"sensors\", \"api\"]";
+    assert!(
+        good.contains(inputs),
+        "the stack's sink reads sensors and api"
+    );
+    let unstartable = good.replace(inputs, "inputs = [\"sensors\", \"api\", \"api2\"]")
+        + &config::http_source("api2", port, None, "1MiB");
+    std::fs::write(&st.agent.config, unstartable).unwrap();
+    st.agent
+        .wait_log_n(
+            "new config failed to start; going back to the previous one",
+            1,
+            harness::deadline(30),
+        )
+        .await
+        .unwrap();
+    st.agent
+        .wait_log_n("previous config running again", 1, harness::deadline(30))
+        .await
+        .unwrap();
+    assert!(
+        st.agent.is_running(),
+        "a reload that fails to start must not stop the agent"
+    );
+    old_pipeline_delivers(&mut st, "n", "rn/x").await;
+    drop(taken);
+}
+
+/// MQTT and HTTP events sent now reach the lake exactly once.
+async fn old_pipeline_delivers(st: &mut Stack, tag: &str, topic: &str) {
+    let msgs = messages(tag, 500, &[topic], 0, 100);
+    let exp = expected(st, &msgs);
+    let (_p, publisher) = spawn_publisher(
+        st.broker.port,
+        &format!("reload-{tag}-pub"),
+        msgs,
+        PubOpts::default(),
+    );
     let report = publisher.await.unwrap();
     assert_eq!(report.acked.len(), 500, "{:?}", report.error);
-    let reqs = harness::http::mixed_requests("hb", 200, &["api-stream"], 100);
+    let reqs = harness::http::mixed_requests(&format!("h{tag}"), 200, &["api-stream"], 100);
     let mut exp = exp;
     for r in &reqs {
         for (id, body) in &r.events {
@@ -184,7 +237,7 @@ async fn invalid_change_is_rejected_and_the_old_pipeline_keeps_running() {
         .await
         .unwrap();
     st.note(format!(
-        "old pipeline delivered {} events {:.1?} after the rejected reloads",
+        "the running pipeline delivered {} events {:.1?} after the reloads",
         ids.len(),
         t.elapsed()
     ));
@@ -192,4 +245,52 @@ async fn invalid_change_is_rejected_and_the_old_pipeline_keeps_running() {
     let snap = lake.snapshot().await.unwrap();
     let verdict = Verdict::compute(&exp, &ids, &snap);
     verdict.assert_exactly_once();
+}
+
+/// A client in the middle of a slow request must not keep the old pipeline
+/// (and sled's lock) alive: the reload cuts it after a short grace and the
+/// new pipeline opens the spool. Before connections were tracked, the
+/// connection task outlived its source, the new spool could not be opened
+/// and the agent exited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_cuts_a_slow_request_and_takes_over_the_spool() {
+    use tokio::io::AsyncWriteExt;
+
+    let mut st = Stack::start(
+        "reload-slow",
+        "gw-reload-slow",
+        &config::batch(100, "8MiB", "1s"),
+        &["rs/#"],
+    )
+    .await;
+    let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", st.http_port))
+        .await
+        .unwrap();
+    slow.write_all(
+        format!(
+            "POST /v1/ingest/slow HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\n\
+             content-type: application/json\r\ncontent-length: 100000\r\n\r\n{{\"id\":",
+            harness::TOKEN
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    std::fs::write(
+        &st.agent.config,
+        changed_config(&st, &config::batch(200, "8MiB", "1s")),
+    )
+    .unwrap();
+    let t = Instant::now();
+    st.agent
+        .wait_log_n("reload applied", 1, harness::deadline(30))
+        .await
+        .unwrap();
+    st.note(format!(
+        "reload applied {:.1?} after the change, with a request half sent",
+        t.elapsed()
+    ));
+    assert!(st.agent.is_running());
+    old_pipeline_delivers(&mut st, "s", "rs/x").await;
+    drop(slow);
 }

@@ -56,9 +56,11 @@ impl ApiServer {
         self.listener.local_addr().ok()
     }
 
-    /// Serves until `shutdown`; requests are short, so connections are not drained.
+    /// Serves until `shutdown`; requests are short, so open connections are
+    /// cut rather than drained. On return none is left holding the spool.
     pub async fn run(self, shutdown: CancellationToken) {
         tracing::info!(addr = ?self.local_addr(), "admin api listening (/metrics, /healthz, /readyz)");
+        let mut connections = tokio::task::JoinSet::new();
         loop {
             let (stream, _) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
@@ -69,23 +71,20 @@ impl ApiServer {
                         continue;
                     }
                 },
-                _ = shutdown.cancelled() => return,
+                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+                _ = shutdown.cancelled() => break,
             };
             let state = self.state.clone();
             let service = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(state.handle(&req)) }
             });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service);
-            let stop = shutdown.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = conn => {}
-                    _ = stop.cancelled() => {}
-                }
-            });
+            connections.spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service),
+            );
         }
+        connections.shutdown().await;
     }
 }
 

@@ -18,7 +18,7 @@ pub mod sources;
 pub mod spool;
 pub mod transform;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -148,7 +148,9 @@ async fn reload(old: Pipeline, reloader: &mut Reloader, why: &str) -> anyhow::Re
             tracing::error!(error = %format!("{e:#}"), "new config failed to start; going back to the previous one");
             let plugins = transform::load_plugins(&previous)?;
             reloader.watch(&previous);
-            Pipeline::start(previous, plugins).await
+            let pipeline = Pipeline::start(previous, plugins).await?;
+            tracing::info!("previous config running again");
+            Ok(pipeline)
         }
     }
 }
@@ -176,17 +178,13 @@ struct Pipeline {
 }
 
 impl Pipeline {
+    /// Starts `config`. Every step that can fail runs before anything is
+    /// spawned, and a failure closes the spool again, so sled's lock is free
+    /// for the next attempt (a reload falling back, a reopen after disk full).
     async fn start(config: Config, plugins: HashMap<String, Plugin>) -> anyhow::Result<Pipeline> {
         let data_dir = &config.agent.data_dir;
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("cannot create data_dir {}", data_dir.display()))?;
-        let dead_letter_dir = config.agent.dead_letter_dir();
-        let dead_letter = plugin::DeadLetter::new(&dead_letter_dir).with_context(|| {
-            format!(
-                "cannot create dead-letter dir {}",
-                dead_letter_dir.display()
-            )
-        })?;
         let sinks = config
             .sinks
             .iter()
@@ -194,94 +192,17 @@ impl Pipeline {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| anyhow::anyhow!(e))?;
         let spool = Spool::open_partitioned(data_dir, &sinks, &config.spool)?;
-        let media = media::MediaDir::open(data_dir)
-            .with_context(|| format!("cannot prepare {}", data_dir.join("media").display()))?;
-        let metrics = Arc::new(Metrics::new(&config));
-        metrics.spool_opened(&spool);
-        let api_stop = CancellationToken::new();
-        let api = match api::ApiServer::bind(&config.api, metrics.clone(), spool.clone()).await {
-            Ok(server) => Some(tokio::spawn(server.run(api_stop.clone()))),
+        match Parts::prepare(&config, &spool, plugins).await {
+            Ok(parts) => Ok(parts.spawn(config, spool)),
             Err(e) => {
-                // Metrics matter less than data: run without the admin endpoints.
-                tracing::error!(addr = %config.api.listen, error = %e, "admin api cannot listen; running without /metrics, /healthz and /readyz (set [api] listen)");
-                None
-            }
-        };
-
-        let (drain, stop) = (CancellationToken::new(), CancellationToken::new());
-        let mut batchers = JoinSet::new();
-        for (name, sink) in &config.sinks {
-            let store = sinks::build(name, sink)?;
-            let context = BatcherContext {
-                sink: spool.sink_id(name).expect("spool opened with every sink"),
-                agent: config.agent.id.clone(),
-                spool: spool.clone(),
-                media: media.clone(),
-                sidecar_sinks: sink
-                    .sidecar_sinks
-                    .iter()
-                    .filter_map(|s| spool.sink_id(s))
-                    .collect(),
-                metrics: metrics.clone(),
-            };
-            let batcher = Batcher::new(name, store, sink, context)
-                .map_err(|e| anyhow::anyhow!("sink {name}: {e}"))?;
-            batchers.spawn(batcher.run(drain.clone(), stop.clone()));
-        }
-
-        let sources_stop = CancellationToken::new();
-        let ingest = Ingest::new(
-            &config,
-            spool.clone(),
-            plugins,
-            dead_letter,
-            media.clone(),
-            metrics.clone(),
-            sources_stop.clone(),
-        );
-        let mut sources = JoinSet::new();
-        if !config.transforms.is_empty() {
-            sources.spawn(tick_plugins(ingest.clone(), sources_stop.clone()));
-        }
-        let mut http = BTreeMap::new();
-        for (name, source) in &config.sources {
-            if let SourceConfig::Http(cfg) = source {
-                http.insert(
-                    name.clone(),
-                    HttpSource::bind(name, cfg, ingest.clone()).await?,
-                );
+                // Nothing else holds the spool: the parts went with the error.
+                let closed = tokio::task::spawn_blocking(move || spool.close()).await?;
+                if let Err(close) = closed {
+                    tracing::warn!(error = %close, "closing the spool after a failed start");
+                }
+                Err(e)
             }
         }
-        for (_, source) in http {
-            sources.spawn(source.run(sources_stop.clone()));
-        }
-        for (name, source) in &config.sources {
-            if let SourceConfig::Mqtt(cfg) = source {
-                let (agent, ingest) = (&config.agent.id, ingest.clone());
-                let mqtt = MqttSource::new(name, cfg.clone(), agent, ingest, metrics.clone());
-                let token = sources_stop.clone();
-                let name = name.clone();
-                sources.spawn(async move {
-                    if let Err(e) = mqtt.run(token).await {
-                        tracing::error!(source = %name, error = %e, "mqtt source stopped");
-                    }
-                });
-            }
-        }
-        tracing::info!(agent = %config.agent.id, sources = config.sources.len(), sinks = config.sinks.len(), "silt running");
-        notify_systemd_ready();
-        Ok(Pipeline {
-            config,
-            spool,
-            ingest,
-            sources,
-            sources_stop,
-            batchers,
-            drain,
-            stop,
-            api,
-            api_stop,
-        })
     }
 
     async fn stop(mut self, how: Stop) -> anyhow::Result<()> {
@@ -316,6 +237,134 @@ impl Pipeline {
         tokio::task::spawn_blocking(move || spool.close()).await??;
         tracing::info!(handover = how == Stop::Handover, "pipeline stopped");
         Ok(())
+    }
+}
+
+/// A pipeline built but not yet running: everything that can fail is done.
+struct Parts {
+    api: Option<api::ApiServer>,
+    batchers: Vec<Batcher>,
+    ingest: Ingest,
+    sources_stop: CancellationToken,
+    http: Vec<HttpSource>,
+    mqtt: Vec<MqttSource>,
+}
+
+impl Parts {
+    async fn prepare(
+        config: &Config,
+        spool: &Spool,
+        plugins: HashMap<String, Plugin>,
+    ) -> anyhow::Result<Parts> {
+        let data_dir = &config.agent.data_dir;
+        let dead_letter_dir = config.agent.dead_letter_dir();
+        let dead_letter = plugin::DeadLetter::new(&dead_letter_dir).with_context(|| {
+            format!(
+                "cannot create dead-letter dir {}",
+                dead_letter_dir.display()
+            )
+        })?;
+        let media = media::MediaDir::open(data_dir)
+            .with_context(|| format!("cannot prepare {}", data_dir.join("media").display()))?;
+        let metrics = Arc::new(Metrics::new(config));
+        metrics.spool_opened(spool);
+        let api = match api::ApiServer::bind(&config.api, metrics.clone(), spool.clone()).await {
+            Ok(server) => Some(server),
+            Err(e) => {
+                // Metrics matter less than data: run without the admin endpoints.
+                tracing::error!(addr = %config.api.listen, error = %e, "admin api cannot listen; running without /metrics, /healthz and /readyz (set [api] listen)");
+                None
+            }
+        };
+        let mut batchers = Vec::new();
+        for (name, sink) in &config.sinks {
+            let store = sinks::build(name, sink)?;
+            let context = BatcherContext {
+                sink: spool.sink_id(name).expect("spool opened with every sink"),
+                agent: config.agent.id.clone(),
+                spool: spool.clone(),
+                media: media.clone(),
+                sidecar_sinks: sink
+                    .sidecar_sinks
+                    .iter()
+                    .filter_map(|s| spool.sink_id(s))
+                    .collect(),
+                metrics: metrics.clone(),
+            };
+            let batcher = Batcher::new(name, store, sink, context)
+                .map_err(|e| anyhow::anyhow!("sink {name}: {e}"))?;
+            batchers.push(batcher);
+        }
+        let sources_stop = CancellationToken::new();
+        let ingest = Ingest::new(
+            config,
+            spool.clone(),
+            plugins,
+            dead_letter,
+            media,
+            metrics.clone(),
+            sources_stop.clone(),
+        );
+        let mut http = Vec::new();
+        let mut mqtt = Vec::new();
+        for (name, source) in &config.sources {
+            match source {
+                SourceConfig::Http(cfg) => {
+                    http.push(HttpSource::bind(name, cfg, ingest.clone()).await?);
+                }
+                SourceConfig::Mqtt(cfg) => {
+                    let (agent, ingest) = (&config.agent.id, ingest.clone());
+                    let source = MqttSource::new(name, cfg.clone(), agent, ingest, metrics.clone())
+                        .with_context(|| format!("mqtt source {name}"))?;
+                    mqtt.push(source);
+                }
+            }
+        }
+        Ok(Parts {
+            api,
+            batchers,
+            ingest,
+            sources_stop,
+            http,
+            mqtt,
+        })
+    }
+
+    fn spawn(self, config: Config, spool: Spool) -> Pipeline {
+        let api_stop = CancellationToken::new();
+        let api = self
+            .api
+            .map(|server| tokio::spawn(server.run(api_stop.clone())));
+        let (drain, stop) = (CancellationToken::new(), CancellationToken::new());
+        let mut batchers = JoinSet::new();
+        for batcher in self.batchers {
+            batchers.spawn(batcher.run(drain.clone(), stop.clone()));
+        }
+        let sources_stop = self.sources_stop;
+        let mut sources = JoinSet::new();
+        if !config.transforms.is_empty() {
+            sources.spawn(tick_plugins(self.ingest.clone(), sources_stop.clone()));
+        }
+        for source in self.http {
+            sources.spawn(source.run(sources_stop.clone()));
+        }
+        for source in self.mqtt {
+            sources.spawn(source.run(sources_stop.clone()));
+        }
+        tracing::info!(agent = %config.agent.id, sources = config.sources.len(), sinks = config.sinks.len(), "silt running");
+        notify_systemd_ready();
+        Pipeline {
+            config,
+            spool,
+            ingest: self.ingest,
+            sources,
+            sources_stop,
+            batchers,
+            drain,
+            stop,
+            api,
+            api_stop,
+        }
     }
 }
 

@@ -218,17 +218,18 @@ impl Ingest {
         self.media_sinks.get(source).map_or(&[], Vec::as_slice)
     }
 
-    /// Commits media reference events, one group per raw sink. Plugins do
-    /// not see media: its payload is a file on disk.
+    /// Commits media reference events, one group per raw sink, with
+    /// `marks`. Plugins do not see media: its payload is a file on disk.
     pub async fn ingest_media(
         &self,
         source: &str,
         groups: Vec<(Vec<SinkId>, Vec<Event>)>,
+        marks: Vec<Mark>,
     ) -> Result<AppendOutcome, IngestError> {
         if self.spool.refuses_appends() {
             return Err(SpoolError::Full.into());
         }
-        let outcome = self.spool.append_groups(groups, Vec::new()).await?;
+        let outcome = self.spool.append_groups(groups, marks).await?;
         self.metrics.events_in(source, 1);
         Ok(outcome)
     }

@@ -123,6 +123,9 @@ pub struct Reply {
     pub status: u16,
     pub body: String,
     pub retry_after: Option<String>,
+    /// `Idempotent-Replayed: true`: the reply of an earlier request with
+    /// the same key.
+    pub replayed: bool,
 }
 
 impl Reply {
@@ -154,6 +157,18 @@ impl HttpClient {
         body: Vec<u8>,
         auth: Option<&str>,
     ) -> Result<Reply, String> {
+        self.post_keyed(path, content_type, body, auth, None).await
+    }
+
+    /// [`HttpClient::post_raw`] with an `Idempotency-Key` header.
+    pub async fn post_keyed(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+        auth: Option<&str>,
+        key: Option<&str>,
+    ) -> Result<Reply, String> {
         let mut rb = self
             .client
             .post(format!("{}{path}", self.base))
@@ -162,6 +177,9 @@ impl HttpClient {
         if let Some(a) = auth {
             rb = rb.header("authorization", a);
         }
+        if let Some(k) = key {
+            rb = rb.header("idempotency-key", k);
+        }
         let resp = rb.send().await.map_err(|e| format!("POST {path}: {e}"))?;
         let status = resp.status().as_u16();
         let retry_after = resp
@@ -169,6 +187,10 @@ impl HttpClient {
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        let replayed = resp
+            .headers()
+            .get("idempotent-replayed")
+            .is_some_and(|v| v == "true");
         let body = resp
             .text()
             .await
@@ -177,17 +199,24 @@ impl HttpClient {
             status,
             body,
             retry_after,
+            replayed,
         })
     }
 
     /// POST /v1/ingest/{stream} with the client's token.
     pub async fn ingest(&self, req: &IngestReq) -> Result<Reply, String> {
+        self.ingest_keyed(req, None).await
+    }
+
+    /// [`HttpClient::ingest`] with an `Idempotency-Key`.
+    pub async fn ingest_keyed(&self, req: &IngestReq, key: Option<&str>) -> Result<Reply, String> {
         let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
-        self.post_raw(
+        self.post_keyed(
             &format!("/v1/ingest/{}", req.stream),
             req.content_type,
             req.body.clone(),
             auth.as_deref(),
+            key,
         )
         .await
     }
@@ -209,6 +238,10 @@ pub struct HttpReport {
     pub statuses: BTreeMap<u16, usize>,
     /// Transport errors (connection refused/reset, timeouts).
     pub transport_errors: usize,
+    /// Requests sent more than once (retrying load only).
+    pub retried: usize,
+    /// Replies that repeated an earlier one (`Idempotent-Replayed`).
+    pub replayed: usize,
     /// Notable anomalies (wrong `accepted`, unexpected statuses), first few.
     pub anomalies: Vec<String>,
     pub elapsed: Duration,
@@ -217,11 +250,14 @@ pub struct HttpReport {
 impl HttpReport {
     pub fn summary(&self) -> String {
         format!(
-            "{} requests, {} events acked, statuses {:?}, transport errors {}, anomalies {:?}",
+            "{} requests, {} events acked, statuses {:?}, transport errors {}, retried requests {}, \
+             replayed replies {}, anomalies {:?}",
             self.requests,
             self.acked.len(),
             self.statuses,
             self.transport_errors,
+            self.retried,
+            self.replayed,
             self.anomalies
         )
     }
@@ -239,15 +275,35 @@ pub fn spawn_load(
 ) -> (Arc<Progress>, tokio::task::JoinHandle<HttpReport>) {
     let progress = Arc::new(Progress::default());
     let p = progress.clone();
-    let h = tokio::spawn(async move { run_load(client, reqs, concurrency, rate, p).await });
+    let h = tokio::spawn(async move { run_load(client, reqs, concurrency, rate, false, p).await });
     (progress, h)
 }
+
+/// [`spawn_load`] as a careful client does it: every request carries an
+/// `Idempotency-Key` (from its first event id) and is sent again after any
+/// transport error, 5xx or 409, for up to [`RETRY_FOR`], so a request
+/// whose reply a crash swallowed is answered by the agent's next run.
+pub fn spawn_retrying_load(
+    client: HttpClient,
+    reqs: Vec<IngestReq>,
+    concurrency: usize,
+    rate: Option<u32>,
+) -> (Arc<Progress>, tokio::task::JoinHandle<HttpReport>) {
+    let progress = Arc::new(Progress::default());
+    let p = progress.clone();
+    let h = tokio::spawn(async move { run_load(client, reqs, concurrency, rate, true, p).await });
+    (progress, h)
+}
+
+/// How long a retrying client keeps sending one request.
+pub const RETRY_FOR: Duration = Duration::from_secs(120);
 
 async fn run_load(
     client: HttpClient,
     reqs: Vec<IngestReq>,
     concurrency: usize,
     rate: Option<u32>,
+    keyed: bool,
     progress: Arc<Progress>,
 ) -> HttpReport {
     let t0 = Instant::now();
@@ -288,24 +344,31 @@ async fn run_load(
                     }
                 }
                 let req = &reqs[i];
+                let key = keyed.then(|| format!("req-{}", req.events[0].0));
+                let first_sent = Instant::now();
                 let mut attempts = 0;
                 loop {
                     attempts += 1;
-                    let res = client.ingest(req).await;
+                    let res = client.ingest_keyed(req, key.as_deref()).await;
                     progress.requests.fetch_add(1, Ordering::Relaxed);
+                    let retrying = keyed && first_sent.elapsed() < RETRY_FOR;
                     let retry_in: Option<f64> = {
                         let mut rep = report.lock().unwrap();
                         rep.requests += 1;
+                        if attempts == 2 {
+                            rep.retried += 1;
+                        }
                         match res {
                             Err(e) => {
                                 rep.transport_errors += 1;
                                 if rep.transport_errors == 1 {
                                     rep.anomalies.push(format!("first transport error: {e}"));
                                 }
-                                None
+                                retrying.then_some(0.2)
                             }
                             Ok(r) => {
                                 *rep.statuses.entry(r.status).or_default() += 1;
+                                rep.replayed += r.replayed as usize;
                                 if r.status == 202 {
                                     let n = r
                                         .json()
@@ -326,7 +389,9 @@ async fn run_load(
                                         .acked_events
                                         .fetch_add(req.events.len(), Ordering::Relaxed);
                                     None
-                                } else if r.status == 503 && attempts < 20 {
+                                } else if (r.status == 503 && attempts < 20)
+                                    || (retrying && (r.status >= 500 || r.status == 409))
+                                {
                                     Some(
                                         r.retry_after
                                             .as_deref()

@@ -228,6 +228,28 @@ pub struct HttpSourceConfig {
     /// Largest media upload (`PUT /v1/media/...`), streamed to disk.
     #[serde(default = "default_max_media")]
     pub max_media: ByteSize,
+    /// How long a reply is kept for requests repeated with the same
+    /// `Idempotency-Key`.
+    #[serde(default = "default_idempotency_window", with = "humantime_serde")]
+    pub idempotency_window: std::time::Duration,
+    /// Most keys kept; the oldest go first.
+    #[serde(default = "default_idempotency_max_keys")]
+    pub idempotency_max_keys: usize,
+    /// Most bytes of keys and replies kept; the oldest go first.
+    #[serde(default = "default_idempotency_max_bytes")]
+    pub idempotency_max_bytes: ByteSize,
+}
+
+fn default_idempotency_window() -> std::time::Duration {
+    std::time::Duration::from_secs(24 * 3600)
+}
+
+fn default_idempotency_max_keys() -> usize {
+    10_000
+}
+
+fn default_idempotency_max_bytes() -> ByteSize {
+    ByteSize::mib(4)
 }
 
 fn default_max_body() -> ByteSize {

@@ -201,7 +201,24 @@ fn validate_source(source: &SourceConfig) -> Result<(), (&'static str, String)> 
             }
             Ok(())
         }
-        SourceConfig::Http(_) => Ok(()),
+        SourceConfig::Http(http) => {
+            if http.idempotency_window.is_zero() {
+                return Err((
+                    "idempotency_window",
+                    "must be greater than 0, e.g. \"24h\"".into(),
+                ));
+            }
+            if http.idempotency_max_keys == 0 {
+                return Err(("idempotency_max_keys", "must be at least 1".into()));
+            }
+            if http.idempotency_max_bytes.as_u64() < 4096 {
+                return Err((
+                    "idempotency_max_bytes",
+                    "must be at least 4KiB, e.g. \"4MiB\"".into(),
+                ));
+            }
+            Ok(())
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Method, Request, StatusCode};
 
-use super::{Handler, Reply, error_reply, json_reply};
+use super::{Handler, Reply, error_reply, idempotency, idempotency_key, stored_reply};
 use crate::event::{Event, MEDIA_ATTRIBUTE, RESERVED_ATTRIBUTE_PREFIX, now_ms};
 use crate::media::{MediaRef, ReceiveError};
 
@@ -53,6 +53,10 @@ impl Handler {
         if self.ingest.refuses_appends() || self.ingest.disk_short(declared.unwrap_or(0)) {
             return self.not_committed(&crate::spool::SpoolError::Full.into());
         }
+        let key = match idempotency_key(&req) {
+            Ok(key) => key,
+            Err(refused) => return refused,
+        };
         let content_type = req
             .headers()
             .get(CONTENT_TYPE)
@@ -68,6 +72,7 @@ impl Handler {
                     .collect()
             })
             .unwrap_or_default();
+        let query = req.uri().query().unwrap_or("").to_string();
         attributes.retain(|(k, _)| !k.starts_with(RESERVED_ATTRIBUTE_PREFIX));
 
         let body = Box::pin(req.into_body().into_data_stream());
@@ -75,6 +80,26 @@ impl Handler {
         let received = match dir.receive(body, self.max_media).await {
             Ok(received) => received,
             Err(e) => return self.media_error(&e),
+        };
+        // A repeat is known only once its bytes are: the digest covers them.
+        let pending = match key {
+            Some(key) => {
+                let request: [&[u8]; 5] = [
+                    stream.as_bytes(),
+                    name.as_bytes(),
+                    query.as_bytes(),
+                    content_type.as_bytes(),
+                    received.sha256.as_bytes(),
+                ];
+                match self.begin_keyed(&key, &request) {
+                    Ok(pending) => Some(pending),
+                    Err(reply) => {
+                        let _ = std::fs::remove_file(&received.path);
+                        return reply;
+                    }
+                }
+            }
+            None => None,
         };
         let sink_names: Vec<&str> = targets.iter().map(|(_, n)| n.as_str()).collect();
         let files = match dir.commit(&received, &sink_names) {
@@ -113,7 +138,16 @@ impl Handler {
                 (vec![*sink], vec![event])
             })
             .collect();
-        let committed = self.ingest.ingest_media(&self.name, groups).await;
+        let mut body = serde_json::json!({
+            "stream": stream, "name": name,
+            "size": received.size, "sha256": received.sha256,
+        });
+        let created = idempotency::Reply {
+            status: StatusCode::CREATED.as_u16(),
+            body: body.to_string(),
+        };
+        let marks = pending.as_ref().map_or(Vec::new(), |p| p.marks(&created));
+        let committed = self.ingest.ingest_media(&self.name, groups, marks).await;
         let dropped = committed.as_ref().is_ok_and(|o| o.dropped_new > 0);
         if committed.is_err() || dropped {
             for file in &files {
@@ -121,15 +155,15 @@ impl Handler {
             }
         }
         match committed {
+            Ok(_) if dropped => {
+                body["dropped"] = true.into();
+                super::json_reply(StatusCode::CREATED, body)
+            }
             Ok(_) => {
-                let mut body = serde_json::json!({
-                    "stream": stream, "name": name,
-                    "size": received.size, "sha256": received.sha256,
-                });
-                if dropped {
-                    body["dropped"] = true.into();
+                if let Some(pending) = pending {
+                    pending.committed(&created);
                 }
-                json_reply(StatusCode::CREATED, body)
+                stored_reply(&created, false)
             }
             Err(e) => self.not_committed(&e),
         }

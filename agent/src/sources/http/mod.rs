@@ -2,6 +2,7 @@
 //! events are committed to the spool; `PUT /v1/media/{stream}/{name}`
 //! (see [`media`]) answers 201 once the upload is on disk and referenced.
 
+mod idempotency;
 mod media;
 
 use std::convert::Infallible;
@@ -23,9 +24,15 @@ use tokio_util::sync::CancellationToken;
 use crate::config::HttpSourceConfig;
 use crate::event::{Event, now_ms};
 use crate::transform::Ingest;
+use idempotency::{Begin, Idempotency};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
+    #[error("http source {source_name} cannot read its idempotency keys from the spool: {error}")]
+    Idempotency {
+        source_name: String,
+        error: crate::spool::SpoolError,
+    },
     #[error(
         "http source {source_name} cannot listen on {addr}: {error}; is another process using the port?"
     )]
@@ -41,6 +48,7 @@ struct Handler {
     auth_token: Option<String>,
     max_body: u64,
     max_media: u64,
+    idempotency: Idempotency,
     ingest: Ingest,
 }
 
@@ -66,7 +74,20 @@ impl HttpSource {
                 addr: config.listen,
                 error,
             })?;
+        let stored =
+            ingest
+                .marks(&idempotency::tree(name))
+                .map_err(|error| HttpError::Idempotency {
+                    source_name: name.to_string(),
+                    error,
+                })?;
+        let retention = idempotency::Retention {
+            window: config.idempotency_window,
+            max_keys: config.idempotency_max_keys,
+            max_bytes: config.idempotency_max_bytes.as_u64(),
+        };
         let handler = Handler {
+            idempotency: Idempotency::new(name, retention, stored),
             name: name.to_string(),
             auth_token: config.auth_token.clone().filter(|t| !t.is_empty()),
             max_body: config.max_body.as_u64(),
@@ -83,11 +104,14 @@ impl HttpSource {
         self.listener.local_addr().ok()
     }
 
-    /// Serves until `shutdown`, then lets requests in flight finish.
+    /// Serves until `shutdown`, lets requests in flight finish for up to
+    /// [`DRAIN_GRACE`], then cuts what is left. On return no connection
+    /// task is alive, so none holds the spool open after a stop or reload.
     pub async fn run(self, shutdown: CancellationToken) {
         let addr = self.local_addr();
         tracing::info!(source = %self.handler.name, addr = ?addr, "http listening");
         let graceful = GracefulShutdown::new();
+        let mut connections = tokio::task::JoinSet::new();
         loop {
             let (stream, _) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
@@ -98,6 +122,7 @@ impl HttpSource {
                         continue;
                     }
                 },
+                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
                 _ = shutdown.cancelled() => break,
             };
             let handler = self.handler.clone();
@@ -107,15 +132,25 @@ impl HttpSource {
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service);
-            let conn = graceful.watch(conn);
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
+            connections.spawn(graceful.watch(conn));
         }
         drop(self.listener);
-        let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
+        if tokio::time::timeout(DRAIN_GRACE, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            while connections.try_join_next().is_some() {}
+            let open = connections.len();
+            tracing::warn!(source = %self.handler.name, open, grace = ?DRAIN_GRACE, "http requests still running after the grace; closing their connections unanswered (clients retry)");
+        }
+        connections.shutdown().await;
     }
 }
+
+/// How long a stopping source lets requests in flight finish. Idle
+/// keep-alive connections close at once; a request waiting on the spool
+/// gives up when the sources stop, so only slow bodies are cut.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 fn json_reply(status: StatusCode, body: serde_json::Value) -> Reply {
     let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
@@ -125,6 +160,41 @@ fn json_reply(status: StatusCode, body: serde_json::Value) -> Reply {
         "application/json".parse().expect("static header"),
     );
     resp
+}
+
+/// A reply kept for `Idempotency-Key` repeats; `replayed` marks a repeat.
+fn stored_reply(reply: &idempotency::Reply, replayed: bool) -> Reply {
+    let mut resp = Response::new(Full::new(Bytes::from(reply.body.clone())));
+    *resp.status_mut() = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::OK);
+    let headers = resp.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        "application/json".parse().expect("static header"),
+    );
+    if replayed {
+        headers.insert(
+            idempotency::REPLAYED,
+            "true".parse().expect("static header"),
+        );
+    }
+    resp
+}
+
+/// The request's `Idempotency-Key`, if any; a malformed one is refused.
+fn idempotency_key(req: &Request<Incoming>) -> Result<Option<String>, Reply> {
+    let Some(value) = req.headers().get(idempotency::HEADER) else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(key) if idempotency::valid_key(key) => Ok(Some(key.to_string())),
+        _ => Err(error_reply(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "Idempotency-Key must be 1 to {} visible ASCII characters (a UUID is a good key)",
+                idempotency::MAX_KEY_LEN
+            ),
+        )),
+    }
 }
 
 fn error_reply(status: StatusCode, message: impl Into<String>) -> Reply {
@@ -165,6 +235,10 @@ impl Handler {
         if declared.is_some_and(|len| len > self.max_body) {
             return self.too_large();
         }
+        let key = match idempotency_key(&req) {
+            Ok(key) => key,
+            Err(refused) => return refused,
+        };
         let content_type = req
             .headers()
             .get(CONTENT_TYPE)
@@ -195,24 +269,68 @@ impl Handler {
                 );
             }
         };
+        let pending = match key {
+            Some(key) => {
+                let parts: [&[u8]; 3] = [stream.as_bytes(), content_type.as_bytes(), &body];
+                match self.begin_keyed(&key, &parts) {
+                    Ok(pending) => Some(pending),
+                    Err(reply) => return reply,
+                }
+            }
+            None => None,
+        };
         let events = match parse_body(&stream, &content_type, body, now_ms()) {
             Ok(events) => events,
             Err(message) => return error_reply(StatusCode::BAD_REQUEST, message),
         };
         let received = events.len();
-        match self.ingest.ingest(&self.name, events).await {
-            Ok(outcome) => {
-                // Accepted means silt answers for the events now: stored, or
-                // (after a plugin failure) in dead-letter, or dropped by a
-                // plugin on purpose. Only the full-spool policy refuses them.
-                let dropped = if outcome.dropped_new > 0 { received } else { 0 };
-                let mut body = serde_json::json!({ "accepted": received - dropped });
-                if dropped > 0 {
-                    body["dropped"] = dropped.into();
+        let accepted = idempotency::Reply {
+            status: StatusCode::ACCEPTED.as_u16(),
+            body: serde_json::json!({ "accepted": received }).to_string(),
+        };
+        let marks = pending.as_ref().map_or(Vec::new(), |p| p.marks(&accepted));
+        match self.ingest.ingest_marked(&self.name, events, marks).await {
+            // A full spool under `drop_newest` stored neither the events nor
+            // the key: a retry may store them.
+            Ok(outcome) if outcome.dropped_new > 0 => json_reply(
+                StatusCode::ACCEPTED,
+                serde_json::json!({ "accepted": 0, "dropped": received }),
+            ),
+            // Accepted means silt answers for the events now: stored, or
+            // (after a plugin failure) in dead-letter, or dropped by a
+            // plugin on purpose. Only the full-spool policy refuses them.
+            Ok(_) => {
+                if let Some(pending) = pending {
+                    pending.committed(&accepted);
                 }
-                json_reply(StatusCode::ACCEPTED, body)
+                stored_reply(&accepted, false)
             }
             Err(e) => self.not_committed(&e),
+        }
+    }
+
+    /// Looks `key` up: the pending entry to commit with the events, or the
+    /// reply to send at once (the first reply again, 422, or 409).
+    fn begin_keyed(&self, key: &str, request: &[&[u8]]) -> Result<idempotency::Pending, Reply> {
+        match self
+            .idempotency
+            .begin(key, idempotency::request_digest(request), now_ms())
+        {
+            Begin::New(pending) => Ok(pending),
+            Begin::Replay(reply) => Err(stored_reply(&reply, true)),
+            Begin::Mismatch => Err(error_reply(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "this Idempotency-Key was used for a different request; use a new key for new data",
+            )),
+            Begin::InFlight => {
+                let mut resp = error_reply(
+                    StatusCode::CONFLICT,
+                    "a request with this Idempotency-Key is still being handled; retry shortly",
+                );
+                resp.headers_mut()
+                    .insert(RETRY_AFTER, "1".parse().expect("static header"));
+                Err(resp)
+            }
         }
     }
 

@@ -56,10 +56,42 @@ pub fn parse_broker_url(url: &str) -> Result<(String, u16, bool), String> {
     Ok((host.trim_matches(['[', ']']).to_string(), port, tls))
 }
 
+/// Connection options for `config`; reads the CA file when TLS is used.
+fn options(config: &MqttSourceConfig, client_id: &str) -> Result<MqttOptions, MqttError> {
+    let (host, port, tls) = parse_broker_url(&config.url).map_err(MqttError::Url)?;
+    let mut options = MqttOptions::new(client_id, host, port);
+    options
+        .set_clean_session(false)
+        .set_manual_acks(true)
+        .set_keep_alive(config.keep_alive)
+        // Acks for everything the broker may have in flight must fit, or
+        // the committer would wait on the event loop it feeds.
+        .set_request_channel_capacity(u16::MAX as usize + COMMIT_GROUP);
+    let max_packet = config.max_packet_size.as_u64() as usize;
+    options.set_max_packet_size(max_packet, max_packet);
+    if let Some(user) = &config.username {
+        options.set_credentials(user, config.password.clone().unwrap_or_default());
+    }
+    if tls {
+        let transport = match &config.ca_file {
+            Some(path) => {
+                let ca = std::fs::read(path).map_err(|source| MqttError::CaFile {
+                    path: path.clone(),
+                    source,
+                })?;
+                Transport::tls(ca, None, None)
+            }
+            None => Transport::tls_with_default_config(),
+        };
+        options.set_transport(transport);
+    }
+    Ok(options)
+}
+
 pub struct MqttSource {
     name: String,
     config: MqttSourceConfig,
-    client_id: String,
+    options: MqttOptions,
     ingest: Ingest,
     metrics: Arc<Metrics>,
 }
@@ -68,63 +100,33 @@ pub struct MqttSource {
 const COMMIT_GROUP: usize = 2048;
 
 impl MqttSource {
+    /// Prepares the connection (reads the CA file) without connecting, so a
+    /// start fails before anything runs.
     pub fn new(
         name: &str,
         config: MqttSourceConfig,
         agent: &str,
         ingest: Ingest,
         metrics: Arc<Metrics>,
-    ) -> MqttSource {
+    ) -> Result<MqttSource, MqttError> {
         let client_id = config
             .client_id
             .clone()
             .unwrap_or_else(|| format!("silt-{agent}-{name}"));
-        MqttSource {
+        Ok(MqttSource {
             name: name.to_string(),
+            options: options(&config, &client_id)?,
             config,
-            client_id,
             ingest,
             metrics,
-        }
-    }
-
-    fn options(&self) -> Result<MqttOptions, MqttError> {
-        let (host, port, tls) = parse_broker_url(&self.config.url).map_err(MqttError::Url)?;
-        let mut options = MqttOptions::new(&self.client_id, host, port);
-        options
-            .set_clean_session(false)
-            .set_manual_acks(true)
-            .set_keep_alive(self.config.keep_alive)
-            // Acks for everything the broker may have in flight must fit, or
-            // the committer would wait on the event loop it feeds.
-            .set_request_channel_capacity(u16::MAX as usize + COMMIT_GROUP);
-        let max_packet = self.config.max_packet_size.as_u64() as usize;
-        options.set_max_packet_size(max_packet, max_packet);
-        if let Some(user) = &self.config.username {
-            options.set_credentials(user, self.config.password.clone().unwrap_or_default());
-        }
-        if tls {
-            let transport = match &self.config.ca_file {
-                Some(path) => {
-                    let ca = std::fs::read(path).map_err(|source| MqttError::CaFile {
-                        path: path.clone(),
-                        source,
-                    })?;
-                    Transport::tls(ca, None, None)
-                }
-                None => Transport::tls_with_default_config(),
-            };
-            options.set_transport(transport);
-        }
-        Ok(options)
+        })
     }
 
     /// Runs until `shutdown`; then commits and acks what was received and
     /// disconnects, leaving the rest with the broker. A group the spool
     /// cannot take (full, failed disk) is given up at `shutdown` unacked.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), MqttError> {
-        let options = self.options()?;
-        let (client, eventloop) = AsyncClient::new(options, u16::MAX as usize + COMMIT_GROUP);
+    pub async fn run(self, shutdown: CancellationToken) {
+        let (client, eventloop) = AsyncClient::new(self.options, u16::MAX as usize + COMMIT_GROUP);
         let (tx, rx) = mpsc::channel(COMMIT_GROUP * 2);
         let committer_done = CancellationToken::new();
         let committer = tokio::spawn(commit_loop(
@@ -151,7 +153,6 @@ impl MqttSource {
         };
         conn.drive(eventloop, tx, &shutdown, committer_done).await;
         let _ = committer.await;
-        Ok(())
     }
 }
 
