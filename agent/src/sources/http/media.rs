@@ -55,7 +55,7 @@ impl Handler {
         }
         let key = match idempotency_key(&req) {
             Ok(key) => key,
-            Err(refused) => return refused,
+            Err(refused) => return *refused,
         };
         let content_type = req
             .headers()
@@ -95,7 +95,7 @@ impl Handler {
                     Ok(pending) => Some(pending),
                     Err(reply) => {
                         let _ = std::fs::remove_file(&received.path);
-                        return reply;
+                        return *reply;
                     }
                 }
             }

@@ -181,19 +181,20 @@ fn stored_reply(reply: &idempotency::Reply, replayed: bool) -> Reply {
 }
 
 /// The request's `Idempotency-Key`, if any; a malformed one is refused.
-fn idempotency_key(req: &Request<Incoming>) -> Result<Option<String>, Reply> {
+/// The error is boxed: a reply is large and this is the rare path.
+fn idempotency_key(req: &Request<Incoming>) -> Result<Option<String>, Box<Reply>> {
     let Some(value) = req.headers().get(idempotency::HEADER) else {
         return Ok(None);
     };
     match value.to_str() {
         Ok(key) if idempotency::valid_key(key) => Ok(Some(key.to_string())),
-        _ => Err(error_reply(
+        _ => Err(Box::new(error_reply(
             StatusCode::BAD_REQUEST,
             format!(
                 "Idempotency-Key must be 1 to {} visible ASCII characters (a UUID is a good key)",
                 idempotency::MAX_KEY_LEN
             ),
-        )),
+        ))),
     }
 }
 
@@ -237,7 +238,7 @@ impl Handler {
         }
         let key = match idempotency_key(&req) {
             Ok(key) => key,
-            Err(refused) => return refused,
+            Err(refused) => return *refused,
         };
         let content_type = req
             .headers()
@@ -274,7 +275,7 @@ impl Handler {
                 let parts: [&[u8]; 3] = [stream.as_bytes(), content_type.as_bytes(), &body];
                 match self.begin_keyed(&key, &parts) {
                     Ok(pending) => Some(pending),
-                    Err(reply) => return reply,
+                    Err(reply) => return *reply,
                 }
             }
             None => None,
@@ -311,17 +312,22 @@ impl Handler {
 
     /// Looks `key` up: the pending entry to commit with the events, or the
     /// reply to send at once (the first reply again, 422, or 409).
-    fn begin_keyed(&self, key: &str, request: &[&[u8]]) -> Result<idempotency::Pending, Reply> {
-        match self
-            .idempotency
-            .begin(key, idempotency::request_digest(request), now_ms())
-        {
-            Begin::New(pending) => Ok(pending),
-            Begin::Replay(reply) => Err(stored_reply(&reply, true)),
-            Begin::Mismatch => Err(error_reply(
+    fn begin_keyed(
+        &self,
+        key: &str,
+        request: &[&[u8]],
+    ) -> Result<idempotency::Pending, Box<Reply>> {
+        let reply = match self.idempotency.begin(
+            key,
+            idempotency::request_digest(request),
+            now_ms(),
+        ) {
+            Begin::New(pending) => return Ok(pending),
+            Begin::Replay(reply) => stored_reply(&reply, true),
+            Begin::Mismatch => error_reply(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "this Idempotency-Key was used for a different request; use a new key for new data",
-            )),
+            ),
             Begin::InFlight => {
                 let mut resp = error_reply(
                     StatusCode::CONFLICT,
@@ -329,9 +335,10 @@ impl Handler {
                 );
                 resp.headers_mut()
                     .insert(RETRY_AFTER, "1".parse().expect("static header"));
-                Err(resp)
+                resp
             }
-        }
+        };
+        Err(Box::new(reply))
     }
 
     /// A full spool or a failing disk are both "try again later".
