@@ -23,6 +23,13 @@
 //!   declared 2 MiB body gets 413 before any body is sent, a chunked 2 MiB
 //!   body (no declared length) is refused too; nothing stored, and a
 //!   512 KiB upload still goes through.
+//! - `a_sweep_spares_the_media_of_a_sink_its_name_prefixes`: raw sinks `cam`
+//!   and `cam-hd` read one HTTP source; three uploads get 201 with S3 down;
+//!   the agent stops, a stray file goes into `media/sink/cam/`, and once
+//!   every file is past the sweep's 60 s settle time (ctime; about a minute
+//!   of waiting) the agent restarts with S3 up: each upload reaches S3 once
+//!   per sink, byte-identical; no `media file is gone`, and the sweeps
+//!   remove the stray file and nothing else.
 
 mod harness;
 
@@ -405,6 +412,151 @@ async fn over_max_media_is_413_and_stores_nothing() {
     st.assert_media_dir_empty().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_spares_the_media_of_a_sink_its_name_prefixes() {
+    // `cam` is a prefix of `cam-hd`: releases that kept every link flat in
+    // media/ as `<sink>-...` let `cam`'s sweep take `cam-hd`'s files.
+    const SINKS: [&str; 2] = ["cam", "cam-hd"];
+    let mut st = MediaStack::start_with("media-sweep", None, |endpoint, s3, http_port| {
+        SINKS.iter().fold(
+            media_source("cameras", http_port, Some(TOKEN), None),
+            |cfg, sink| cfg + &raw_sink(sink, &["cameras"], endpoint, &s3.bucket, "8MiB", &[]),
+        )
+    })
+    .await;
+    // Down before the first upload, so every reference stays in the spool
+    // across the restart and the sweep has something to get wrong.
+    st.s3.stop();
+    let mut sent = Vec::new();
+    for (name, len, seed) in [
+        ("a.mp4", 64 * 1024, 11),
+        ("b.mp4", MIB + 5, 12),
+        ("c.mp4", 3 * MIB, 13),
+    ] {
+        let reply = st.put(name, "", len, seed).await;
+        assert_eq!(
+            reply.status,
+            Some(201),
+            "PUT {name} with S3 down: {reply:?}"
+        );
+        assert_eq!(
+            reply.json()["sha256"],
+            json!(reply.sha256),
+            "201 body of {name}"
+        );
+        sent.push((name, len, reply.sha256));
+    }
+    let data = st.agent.data_dir.clone();
+    // One link per sink and upload, wherever the layout puts them.
+    let links = media_files(&data);
+    assert_eq!(
+        links.len(),
+        SINKS.len() * sent.len(),
+        "media files: {links:?}"
+    );
+    // Proof that the restart's sweep ran on settled files: it must remove
+    // this one, which no record refers to. (This run swept at its start.)
+    let stray = "sink/cam/1795496858123-77-0";
+    let stray_path = data.join("media").join(stray);
+    std::fs::create_dir_all(stray_path.parent().unwrap()).unwrap();
+    std::fs::write(&stray_path, b"orphan").unwrap();
+    st.note("3 uploads answered 201 with S3 down");
+    let t = Instant::now();
+    let status = st.agent.sigterm_and_wait(Duration::from_secs(60)).await;
+    st.note(format!(
+        "agent stopped ({status}) {:.1?} after SIGTERM",
+        t.elapsed()
+    ));
+
+    // The sweep removes only files whose ctime is SWEEP_SETTLE (60 s,
+    // agent/src/batch/media.rs) old, and no call sets a ctime back
+    // (utimensat moves atime and mtime only): so a minute has to pass.
+    let settled = Duration::from_secs(62);
+    let t = Instant::now();
+    wait_until(
+        deadline(120),
+        "every media file to be 62 s old by ctime",
+        || {
+            media_files(&data)
+                .iter()
+                .all(|p| ctime_age(p).is_some_and(|age| age >= settled))
+        },
+    )
+    .await
+    .unwrap();
+    st.note(format!(
+        "waited {:.1?} for the files to settle",
+        t.elapsed()
+    ));
+
+    st.s3.start_again();
+    st.agent.spawn();
+    st.wait_up().await;
+    st.note("agent restarted with S3 up");
+    let want = SINKS.len() * sent.len();
+    let end = deadline(120);
+    loop {
+        let log = st.agent.log_run();
+        assert!(
+            !log.contains(GONE),
+            "a sink lost a referenced media file: {}",
+            lines_with(&log, GONE)
+        );
+        let objects = st.bucket.list("").await.unwrap_or_default();
+        if objects.len() >= want && media_files(&data).is_empty() {
+            break;
+        }
+        if let Some(status) = st.agent.try_exit() {
+            panic!("silt exited ({status}) before uploading the media; objects {objects:?}");
+        }
+        assert!(
+            Instant::now() < end,
+            "{want} objects and an empty media/ expected within 120 s; objects {objects:?}, files {:?}",
+            media_files(&data)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    st.note(format!("{want} objects in S3, media/ empty"));
+    let status = st.agent.sigterm_and_wait(Duration::from_secs(60)).await;
+    assert!(status.success(), "silt exited with {status} after SIGTERM");
+
+    let log = st.agent.log_all();
+    assert!(!log.contains(GONE), "{}", lines_with(&log, GONE));
+    let swept: Vec<String> = log
+        .lines()
+        .filter(|l| l.contains(SWEPT))
+        .map(|l| agent::field(l, "file").unwrap_or_else(|| l.to_string()))
+        .collect();
+    assert_eq!(swept, [stray], "the sweeps removed exactly the stray file");
+    let objects = st.bucket.list("").await.unwrap();
+    assert_eq!(
+        objects.len(),
+        want,
+        "one object per sink and upload: {objects:?}"
+    );
+    for sink in SINKS {
+        for (name, len, sha256) in &sent {
+            let prefix = format!("{sink}/{STREAM}/");
+            let hits: Vec<_> = objects
+                .iter()
+                .filter(|(k, _)| k.starts_with(&prefix) && k.ends_with(&format!("-{name}")))
+                .collect();
+            assert_eq!(
+                hits.len(),
+                1,
+                "one object of `{sink}` for {name}: {objects:?}"
+            );
+            let (size, sha) = st.bucket.sha256(&hits[0].0).await.unwrap();
+            assert_eq!(
+                (size, sha.as_str()),
+                (*len, sha256.as_str()),
+                "content of {}",
+                hits[0].0
+            );
+        }
+    }
+}
+
 // ---------------------------------------------------------------- helpers
 
 /// boto3 against s3s-fs: `list_multipart_uploads` (s3s-fs 0.14 does not
@@ -443,6 +595,36 @@ impl MediaStack {
         max_media: Option<&str>,
         throttle: Option<u64>,
     ) -> MediaStack {
+        MediaStack::start_with(name, throttle, |endpoint, s3, http_port| {
+            // `lake` must have an input; `cam` only sends it events on POST
+            // /v1/ingest, which these tests do not use.
+            media_source("cam", http_port, Some(TOKEN), max_media)
+                + &raw_sink(
+                    "media",
+                    &["cam"],
+                    endpoint,
+                    &s3.bucket,
+                    part_size,
+                    &["lake"],
+                )
+                + &config::s3_sink(
+                    "lake",
+                    &["cam"],
+                    s3,
+                    "none",
+                    &config::batch(1000, "8MiB", "1s"),
+                )
+        })
+        .await
+    }
+
+    /// s3s-fs (behind a throttling proxy when `throttle` is set) and an
+    /// agent whose sources and sinks `config(endpoint, s3, http_port)` gives.
+    async fn start_with(
+        name: &str,
+        throttle: Option<u64>,
+        config: impl FnOnce(&str, &S3Server, u16) -> String,
+    ) -> MediaStack {
         let t0 = Instant::now();
         let scratch = Scratch::new(name);
         let s3 = S3Server::start(scratch.path(), "media-lake");
@@ -455,25 +637,7 @@ impl MediaStack {
             .map(|p| p.endpoint())
             .unwrap_or_else(|| s3.endpoint());
         let http_port = free_port();
-        // `lake` must have an input; `cam` only sends it events on POST
-        // /v1/ingest, which these tests do not use.
-        let cfg = config::agent(AGENT)
-            + &media_source("cam", http_port, Some(TOKEN), max_media)
-            + &raw_sink(
-                "media",
-                &["cam"],
-                &endpoint,
-                &s3.bucket,
-                part_size,
-                &["lake"],
-            )
-            + &config::s3_sink(
-                "lake",
-                &["cam"],
-                &s3,
-                "none",
-                &config::batch(1000, "8MiB", "1s"),
-            );
+        let cfg = config::agent(AGENT) + &config(&endpoint, &s3, http_port);
         let agent = Agent::start(&scratch.join("agent"), &cfg);
         let mut st = MediaStack {
             agent,
@@ -631,6 +795,27 @@ fn check_index_line(
         Value::Object(want),
         "attributes of {line}"
     );
+}
+
+/// The agent's line for a referenced media file that vanished.
+const GONE: &str = "media file is gone";
+/// The agent's line for each file a sweep removes.
+const SWEPT: &str = "removing a media file no spool record refers to";
+
+fn lines_with(log: &str, needle: &str) -> String {
+    log.lines()
+        .filter(|l| l.contains(needle))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Time since the file's inode last changed: the age the sweep measures.
+fn ctime_age(path: &std::path::Path) -> Option<Duration> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    let changed = std::time::UNIX_EPOCH
+        + Duration::new(u64::try_from(m.ctime()).ok()?, m.ctime_nsec() as u32);
+    changed.elapsed().ok()
 }
 
 /// `part=N` of every `multipart part written` line in `log`, in order.

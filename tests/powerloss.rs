@@ -27,7 +27,13 @@
 //!    writes without an fsync between them) is replaced by a clear-cache cut,
 //!    and the trial line says so;
 //! 4. `power_cut_with_large_events`: like 2, with a 150 KB HTTP event in
-//!    every 12th request (sled stores values this big as separate blobs).
+//!    every 12th request (sled stores values this big as separate blobs);
+//! 5. `power_cut_with_file_sink`: like 2, with a `file` sink instead of S3,
+//!    its directory on the same LazyFS mount: the spool forgets a batch once
+//!    its object is written, so the object must be fsynced by then. The cut
+//!    comes once objects are visible; the objects are read back from the
+//!    LazyFS root (what a further cut would leave), and an object file
+//!    holding unsynced data at the cut fails the trial by itself.
 //!
 //! Each trial prints one line: kind, acked, found, lost, duplicated.
 //! Knobs: `SILT_POWERLOSS_TRIALS` (trials per kind, default 2; a long run
@@ -44,6 +50,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use harness::http::{IngestReq, mixed_requests, spawn_load};
+use harness::lake::Snapshot;
 use harness::lazyfs::{self, LazyFs};
 use harness::mqtt::{PubOpts, messages, spawn_publisher};
 use harness::payload::{Rng, json_event};
@@ -52,6 +59,8 @@ use harness::*;
 const AGENT_ID: &str = "gw-powerloss";
 /// sled's log, relative to the LazyFS mount (`data_dir` is `<mnt>/data`).
 const SPOOL_LOG: &str = "data/spool/db";
+/// The file sink's directory of kind 5, relative to the LazyFS mount.
+const FILE_LAKE: &str = "lake";
 const HTTP_RATE: u32 = 300;
 const MQTT_RATE: u32 = 300;
 /// Load is generated for this long at most; the cut comes well before.
@@ -69,6 +78,7 @@ enum Kind {
     Uploading,
     Torn,
     Large,
+    FileSink,
 }
 
 impl Kind {
@@ -78,6 +88,7 @@ impl Kind {
             Kind::Uploading => "clear-cache/sink-up",
             Kind::Torn => "torn-write",
             Kind::Large => "large-events",
+            Kind::FileSink => "clear-cache/file-sink",
         }
     }
 
@@ -87,6 +98,7 @@ impl Kind {
             Kind::Uploading => 2,
             Kind::Torn => 3,
             Kind::Large => 4,
+            Kind::FileSink => 5,
         }
     }
 }
@@ -109,6 +121,11 @@ async fn torn_write_to_spool_log() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_cut_with_large_events() {
     run_kind(Kind::Large).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_cut_with_file_sink() {
+    run_kind(Kind::FileSink).await;
 }
 
 /// A result line, written to stderr directly: past the test harness's
@@ -270,12 +287,13 @@ impl TrialResult {
     }
 }
 
+/// The agent of every kind; `sink` is the `[sinks.lake]` table.
 fn agent_config(
     data_dir: &Path,
     api_port: u16,
     http_port: u16,
     broker_url: &str,
-    s3: &S3Server,
+    sink: &str,
 ) -> String {
     // LazyFS has no statfs (free space reads as 0): no free-space floor.
     format!(
@@ -286,13 +304,36 @@ fn agent_config(
     ) + config::mqtt_source("sensors", broker_url, &["power/#"]).trim_end()
         + "\nreconnect_max = \"1s\"\nkeep_alive = \"5s\"\n\n"
         + &config::http_source("api", http_port, Some(TOKEN), "16MiB")
-        + &config::s3_sink(
-            "lake",
-            &["sensors", "api"],
-            s3,
-            "gzip",
-            &config::batch(500, "8MiB", "1s"),
-        )
+        + sink
+}
+
+const SINK_INPUTS: &[&str] = &["sensors", "api"];
+
+fn sink_batch() -> String {
+    config::batch(500, "8MiB", "1s")
+}
+
+/// Where the sink writes, read back: S3 through its API, or the file sink's
+/// directory under the LazyFS root, where only what was fsynced is.
+enum Lake {
+    S3(S3Lake),
+    File(FileLake),
+}
+
+impl Lake {
+    async fn objects(&self) -> Result<usize, String> {
+        match self {
+            Lake::S3(l) => l.keys().await.map(|k| k.len()),
+            Lake::File(l) => Ok(l.files().len()),
+        }
+    }
+
+    async fn snapshot(&mut self) -> Result<Snapshot, String> {
+        match self {
+            Lake::S3(l) => l.snapshot().await,
+            Lake::File(l) => Ok(l.snapshot()),
+        }
+    }
 }
 
 /// Random duration in `lo..hi` milliseconds.
@@ -336,22 +377,37 @@ async fn trial_inner(
     // Declared in this order so they drop the other way round: silt first,
     // then the mount, then the servers.
     let broker = Mosquitto::start(&scratch.join("mosquitto"));
-    let mut s3 = S3Server::start(scratch.path(), "telemetry");
+    let mut s3 = (kind != Kind::FileSink).then(|| S3Server::start(scratch.path(), "telemetry"));
     let mut fs = LazyFs::mount(bin, &scratch.join("l"))?;
     let (http_port, api_port) = (free_port(), free_port());
     let data_dir = fs.mnt.join("data");
-    let cfg = agent_config(&data_dir, api_port, http_port, &broker.url(), &s3);
+    let sink = match &s3 {
+        Some(s3) => config::s3_sink("lake", SINK_INPUTS, s3, "gzip", &sink_batch()),
+        None => config::file_sink(
+            "lake",
+            SINK_INPUTS,
+            &fs.mnt.join(FILE_LAKE),
+            "gzip",
+            &sink_batch(),
+        ),
+    };
+    let cfg = agent_config(&data_dir, api_port, http_port, &broker.url(), &sink);
     let mut agent = Agent::start(&scratch.join("agent"), &cfg);
     wait_up(&mut agent, 60).await?;
     say(format!(
-        "stack up: LazyFS {} over {}, mqtt :{}, s3 :{}, http :{}",
+        "stack up: LazyFS {} over {}, mqtt :{}, sink {}, http :{}",
         fs.mnt.display(),
         fs.root.display(),
         broker.port,
-        s3.port,
+        match &s3 {
+            Some(s3) => format!("s3 :{}", s3.port),
+            None => format!("file {}", fs.mnt.join(FILE_LAKE).display()),
+        },
         http_port
     ));
-    if kind == Kind::SinkDown {
+    if kind == Kind::SinkDown
+        && let Some(s3) = s3.as_mut()
+    {
         s3.stop();
     }
 
@@ -422,7 +478,7 @@ async fn trial_inner(
             r.how = format!("cut {:.1?} into the load, S3 down", t_load.elapsed());
             false
         }
-        Kind::Uploading | Kind::Large => {
+        Kind::Uploading | Kind::Large | Kind::FileSink => {
             agent.wait_log("uploaded object", dl).await?;
             tokio::time::sleep(ms(rng, 0, 4_000)).await;
             r.how = format!(
@@ -472,7 +528,29 @@ async fn trial_inner(
     mprogress.stop.store(true, Ordering::Relaxed);
     hp.stop.store(true, Ordering::Relaxed);
     if !lazyfs_crashed {
-        r.unsynced = fs.unsynced_report().ok().and_then(|t| unsynced_bytes(&t));
+        let report = fs.unsynced_report().ok();
+        r.unsynced = report.as_deref().and_then(unsynced_bytes);
+        if kind == Kind::FileSink {
+            let objects = FileLake::new(&fs.mnt.join(FILE_LAKE)).files().len();
+            r.how.push_str(&format!(", {objects} objects visible"));
+            if objects == 0 {
+                r.problems
+                    .push("no object of the file sink was visible at the cut".into());
+            }
+            // The staging file (`<key>#<n>`) is fsynced before it is linked
+            // to the key, so a key with unsynced data was never fsynced.
+            let report = report.ok_or("no unsynced-data report from LazyFS")?;
+            let lake = fs.fault_path(FILE_LAKE);
+            let unsynced: Vec<&str> = unsynced_files(&report)
+                .into_iter()
+                .filter(|f| f.starts_with(&lake) && !f.contains('#'))
+                .collect();
+            if !unsynced.is_empty() {
+                r.problems.push(format!(
+                    "objects of the file sink held unsynced data at the cut: {unsynced:?}"
+                ));
+            }
+        }
         fs.clear_cache()?;
     }
     agent.kill9();
@@ -495,11 +573,16 @@ async fn trial_inner(
     // Reboot: unmount (drops what LazyFS still cached), mount a new LazyFS
     // over the same root.
     fs.remount()?;
-    if !s3.is_running() {
-        s3.start_again();
-    }
+    let mut lake = match s3.as_mut() {
+        Some(s3) => {
+            if !s3.is_running() {
+                s3.start_again();
+            }
+            Lake::S3(S3Lake::new(s3))
+        }
+        None => Lake::File(FileLake::new(&fs.root.join(FILE_LAKE))),
+    };
     agent.spawn();
-    let mut lake = S3Lake::new(&s3);
     match wait_up(&mut agent, 60).await {
         Err(e) => r.problems.push(format!("after the cut: {e}")),
         Ok(()) => {
@@ -580,6 +663,15 @@ fn unsynced_bytes(report: &str) -> Option<u64> {
         .ok()
 }
 
+/// Files an unsynced-data report names (`=> file: '<path>'`), as LazyFS
+/// names them: under its root.
+fn unsynced_files(report: &str) -> Vec<&str> {
+    report
+        .lines()
+        .filter_map(|l| l.split_once("=> file: '")?.1.trim_end().strip_suffix('\''))
+        .collect()
+}
+
 /// Sum of every series of metric `name` in a Prometheus text page.
 fn metric_sum(text: &str, name: &str) -> Option<f64> {
     let mut found = false;
@@ -616,11 +708,11 @@ async fn scrape(port: u16) -> Result<String, String> {
 
 /// Waits until the sink has drained: the spool holds no unsealed record and
 /// no sealed batch, the MQTT source is connected, and for 3 s neither the
-/// events taken in nor the objects in S3 have changed (the broker has handed
+/// events taken in nor the objects in the lake have changed (the broker has handed
 /// over what it queued for silt's session).
 async fn wait_drained(
     api_port: u16,
-    lake: &mut S3Lake,
+    lake: &mut Lake,
     agent: &mut Agent,
     deadline: Instant,
 ) -> Result<Duration, String> {
@@ -636,7 +728,7 @@ async fn wait_drained(
             .map(|(a, b)| a + b);
         let connected = metric_sum(&text, "silt_mqtt_connected");
         let events_in = metric_sum(&text, "silt_events_in_total").unwrap_or(0.0) as u64;
-        let objects = lake.keys().await.map(|k| k.len()).ok();
+        let objects = lake.objects().await.ok();
         match (backlog, connected, objects) {
             (Some(b), Some(c), Some(o)) if b == 0.0 && c >= 1.0 => {
                 let sig = (events_in, o);
