@@ -273,10 +273,7 @@ pub fn spawn_load(
     concurrency: usize,
     rate: Option<u32>,
 ) -> (Arc<Progress>, tokio::task::JoinHandle<HttpReport>) {
-    let progress = Arc::new(Progress::default());
-    let p = progress.clone();
-    let h = tokio::spawn(async move { run_load(client, reqs, concurrency, rate, false, p).await });
-    (progress, h)
+    spawn_run_load(client, reqs, concurrency, rate, false)
 }
 
 /// [`spawn_load`] as a careful client does it: every request carries an
@@ -289,9 +286,19 @@ pub fn spawn_retrying_load(
     concurrency: usize,
     rate: Option<u32>,
 ) -> (Arc<Progress>, tokio::task::JoinHandle<HttpReport>) {
+    spawn_run_load(client, reqs, concurrency, rate, true)
+}
+
+fn spawn_run_load(
+    client: HttpClient,
+    reqs: Vec<IngestReq>,
+    concurrency: usize,
+    rate: Option<u32>,
+    keyed: bool,
+) -> (Arc<Progress>, tokio::task::JoinHandle<HttpReport>) {
     let progress = Arc::new(Progress::default());
     let p = progress.clone();
-    let h = tokio::spawn(async move { run_load(client, reqs, concurrency, rate, true, p).await });
+    let h = tokio::spawn(async move { run_load(client, reqs, concurrency, rate, keyed, p).await });
     (progress, h)
 }
 

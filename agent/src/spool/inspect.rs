@@ -395,18 +395,23 @@ mod tests {
         assert_eq!(lines[1]["payload_b64"], "AGJpbg==");
     }
 
+    /// The one segment file of sink `lake` in `data_dir`'s spool.
+    fn first_segment(data_dir: &Path) -> std::path::PathBuf {
+        let segments = segment_dir(&data_dir.join("spool"), "lake");
+        std::fs::read_dir(&segments)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path()
+    }
+
     #[test]
     fn check_finds_and_repairs_flipped_bytes() {
         let dir = filled();
         // Both records share one chunk (one append), split by the seal into
         // two references: one flipped byte damages both.
-        let segments = segment_dir(&dir.path().join("spool"), "lake");
-        let file = std::fs::read_dir(&segments)
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path();
+        let file = first_segment(dir.path());
         let mut raw = std::fs::read(&file).unwrap();
         raw[12] ^= 1;
         std::fs::write(&file, raw).unwrap();
@@ -460,13 +465,7 @@ mod tests {
             spool.seal(0, rule, |_, s| format!("k{s}")).await.unwrap();
         });
         spool.close().unwrap();
-        let segments = segment_dir(&dir.path().join("spool"), "lake");
-        let file = std::fs::read_dir(&segments)
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path();
+        let file = first_segment(dir.path());
         let mut raw = std::fs::read(&file).unwrap();
         let middle = raw
             .windows(64)
