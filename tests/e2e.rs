@@ -293,3 +293,66 @@ async fn idempotency_key_repeats_get_the_first_reply_and_store_once() {
     st.note(verdict.summary());
     verdict.assert_exactly_once();
 }
+
+/// One event whose partition value is 1,500 characters, into a sink keyed
+/// by it: the key would be over S3's limit, S3 would refuse it for good, and
+/// every later event of the sink would wait behind the retried batch. The
+/// value renders as `__too_long__`, and the events after it flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_over_long_key_value_does_not_stall_the_sink() {
+    let t0 = Instant::now();
+    let scratch = Scratch::new("e2e-long-key");
+    let s3 = S3Server::start(scratch.path(), "telemetry");
+    let port = free_port();
+    let sink = config::s3_sink(
+        "lake",
+        &["api"],
+        &s3,
+        "gzip",
+        &config::batch(1, "1MiB", "1s"),
+    )
+    .replace(config::S3_KEY, "p/site={field.site}/{agent}-{batch}");
+    let cfg = config::agent("gw-key") + &config::http_source("api", port, None, "1MiB") + &sink;
+    let mut agent = Agent::start(&scratch.join("agent"), &cfg);
+    agent
+        .wait_ready(&[("http listening", 1), ("silt running", 1)], 60)
+        .await;
+    let client = HttpClient::new(port, None);
+    let long = "x".repeat(1_500);
+    for (i, site) in std::iter::once(long.as_str())
+        .chain(["a", "b", "c", "d", "e"])
+        .enumerate()
+    {
+        let req = http::IngestReq::single(
+            "s",
+            serde_json::json!({"id": format!("k{i}"), "site": site}),
+        );
+        let reply = client.ingest(&req).await.expect("ingest");
+        assert_eq!(reply.status, 202, "event {i}: {reply:?}");
+    }
+    let lake = S3Lake::new(&s3);
+    let end = deadline(30);
+    let keys = loop {
+        let keys = lake.keys().await.unwrap_or_default();
+        if keys.len() >= 6 {
+            break keys;
+        }
+        if Instant::now() >= end {
+            agent.dump_log(40);
+            panic!("6 objects expected in S3 within 30 s, got {keys:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    note(t0, format!("objects: {keys:?}"));
+    assert!(
+        keys.iter()
+            .any(|k| k.starts_with("p/site=__too_long__/gw-key-")),
+        "the long value's object: {keys:?}"
+    );
+    assert!(keys.iter().all(|k| k.len() < 100), "{keys:?}");
+    let st = agent.sigterm_and_wait(Duration::from_secs(60)).await;
+    assert!(
+        st.success(),
+        "silt run should exit 0 after SIGTERM, got {st}"
+    );
+}

@@ -459,6 +459,250 @@ async fn broker_restart_loses_nothing() {
     );
 }
 
+/// Whether every thread of `pid` is in the stopped state (`T`), so none
+/// can read a socket any more.
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat"))
+            .ok()
+            .and_then(|stat| Some(stat.rsplit_once(") ")?.1.starts_with('T')))
+            .unwrap_or(false)
+    })
+}
+
+/// Bytes the kernel holds, unread, on connections from `port` to this
+/// host (the receive queues in `/proc/net/tcp`).
+fn unread_from_port(port: u16) -> u64 {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let remote_port = u16::from_str_radix(cols.get(2)?.rsplit(':').next()?, 16).ok()?;
+            let rx = cols.get(4)?.split(':').nth(1)?;
+            (remote_port == port).then(|| u64::from_str_radix(rx, 16).ok())?
+        })
+        .sum()
+}
+
+/// The broker forgets the agent's session (restart without persistence),
+/// so packet ids start at 1 again, and a sensor repeats a payload: the new
+/// message gets the packet id and the content of one committed in the old
+/// session. The agent dies before committing it; the broker redelivers it
+/// (DUP). It must be stored, not taken for a redelivery of the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_payload_under_a_reused_packet_id_is_stored() {
+    let mut st = FStack::start(
+        "faults-reused-pkid",
+        StackOpts {
+            agent_id: "gw-pkid",
+            max_bytes: "1GiB",
+            when_full: "block",
+            batch: config::batch(100, "8MiB", "1s"),
+            mqtt_topics: &["door/#"],
+            s3_down: false,
+            proxies: false,
+        },
+    )
+    .await;
+    let door = || {
+        vec![harness::mqtt::Msg {
+            id: "same".into(),
+            topic: "door/1".into(),
+            payload: br#"{"id":"same","door":"open"}"#.to_vec(),
+        }]
+    };
+    let copies = |snap: &harness::lake::Snapshot| {
+        snap.records
+            .iter()
+            .filter(|r| r.id().as_deref() == Some("same"))
+            .count()
+    };
+    let mut lake = st.lake();
+    let publish = |port| async move {
+        let rep = harness::mqtt::publish(
+            port,
+            "door-sensor",
+            door(),
+            PubOpts::default(),
+            Default::default(),
+        )
+        .await;
+        assert_eq!(rep.acked.len(), 1, "broker did not PUBACK: {:?}", rep.error);
+    };
+
+    publish(st.broker.port).await;
+    wait_copies(&mut lake, copies, 1, harness::deadline(30)).await;
+    st.note("first message (packet id 1 of the first broker session) is in S3");
+
+    st.broker.restart_forgetting_sessions();
+    st.agent
+        .wait_log_n("mqtt subscribed", 2, harness::deadline(30))
+        .await
+        .expect("agent subscribes again in the broker's new session");
+    st.note("mosquitto restarted without its sessions; agent subscribed again");
+
+    let pid = st.agent.pid().expect("agent runs");
+    // SAFETY: signalling the child we spawned.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) };
+    harness::wait_until(harness::deadline(10), "every agent thread stopped", || {
+        all_threads_stopped(pid)
+    })
+    .await
+    .unwrap();
+    publish(st.broker.port).await;
+    harness::wait_until(
+        harness::deadline(10),
+        "publish in the agent's socket",
+        || unread_from_port(st.broker.port) > 0,
+    )
+    .await
+    .expect("mosquitto sent the message to the stopped agent");
+    st.agent.kill9();
+    st.note("same payload published again (packet id 1 again) and agent killed before reading it");
+
+    st.restart_agent(30).await;
+    assert!(
+        st.agent.count_log("session_present=true") >= 1,
+        "the restarted agent should resume its session, where mosquitto redelivers"
+    );
+    let got = wait_copies(&mut lake, copies, 2, harness::deadline(30)).await;
+    let recognised = st
+        .agent
+        .count_log("mqtt redeliveries of messages already committed");
+    st.stop_agent_cleanly().await;
+    let snap = lake.snapshot().await.expect("read lake");
+    println!(
+        "reused packet id: copies in S3 {} of 2 (after the wait: {got}); redeliveries taken as already committed {recognised}",
+        copies(&snap)
+    );
+    assert_eq!(
+        copies(&snap),
+        2,
+        "both messages were PUBACKed to the publisher and delivered to the agent's session"
+    );
+}
+
+/// Waits until `count` of the lake's snapshot reaches `want` (or the
+/// deadline); returns the last count.
+async fn wait_copies(
+    lake: &mut harness::lake::S3Lake,
+    count: impl Fn(&harness::lake::Snapshot) -> usize,
+    want: usize,
+    deadline: Instant,
+) -> usize {
+    loop {
+        let n = lake.snapshot().await.map(|s| count(&s)).unwrap_or(0);
+        if n >= want || Instant::now() >= deadline {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A full spool (S3 down, 8 MiB cap) under a flood of 100 x 1 MiB MQTT
+/// messages: the source holds at most `max_inflight_bytes` (16 MiB) of
+/// them and leaves the rest with the broker, instead of reading everything
+/// mosquitto's window sends into memory. Once S3 is back, every message
+/// arrives exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_flood_stays_within_the_inflight_byte_budget() {
+    const N: usize = 100;
+    const BUDGET_MIB: u64 = 16;
+    let t0 = Instant::now();
+    let scratch = harness::Scratch::new("faults-mqtt-budget");
+    let broker = harness::Mosquitto::start(&scratch.join("mosquitto"));
+    let mut s3 = harness::S3Server::start(scratch.path(), "telemetry");
+    s3.stop();
+    let cfg = agent_section("gw-budget", "8MiB", "block")
+        + mqtt_source("sensors", &broker.url(), &["big/#"]).trim_end()
+        + &format!("\nmax_inflight_bytes = \"{BUDGET_MIB}MiB\"\n\n")
+        + &config::s3_sink(
+            "lake",
+            &["sensors"],
+            &s3,
+            "gzip",
+            &config::batch(100, "4MiB", "1s"),
+        );
+    let mut agent = harness::Agent::start(&scratch.join("agent"), &cfg);
+    agent.wait_ready(&[("mqtt subscribed", 1)], 60).await;
+    let pid = agent.pid().expect("agent runs");
+    let rss = |field| harness::media::proc_status_bytes(pid, field).unwrap_or(0);
+    let idle = rss("VmRSS");
+
+    let msgs = messages("big", N, &["big/a"], 0, 1 << 20);
+    let ids: HashSet<String> = msgs.iter().map(|m| m.id.clone()).collect();
+    let opts = PubOpts {
+        inflight: 50,
+        ..PubOpts::default()
+    };
+    let (_p, h) = spawn_publisher(broker.port, "big-pub", msgs, opts);
+    let rep = h.await.unwrap();
+    assert_eq!(rep.acked.len(), N, "broker PUBACKs: {:?}", rep.error);
+    harness::note(
+        t0,
+        format!(
+            "{N} x 1 MiB published; agent idle RSS {:.1} MiB",
+            harness::media::mib(idle)
+        ),
+    );
+
+    // Either the budget holds (the agent stops reading, mosquitto's data
+    // waits in the socket) or memory runs past it.
+    let over = (4 * BUDGET_MIB) << 20;
+    harness::wait_until(
+        harness::deadline(60),
+        "budget pause or memory past it",
+        || {
+            (agent.count_log("byte budget used up") > 0 && unread_from_port(broker.port) > 0)
+                || rss("VmHWM").saturating_sub(idle) > over
+        },
+    )
+    .await
+    .unwrap();
+    let peak = rss("VmHWM").saturating_sub(idle);
+    harness::note(
+        t0,
+        format!(
+            "peak RSS above idle with S3 down: {:.1} MiB",
+            harness::media::mib(peak)
+        ),
+    );
+    assert!(
+        peak <= over,
+        "the agent held {:.1} MiB above idle; max_inflight_bytes is {BUDGET_MIB} MiB",
+        harness::media::mib(peak)
+    );
+
+    s3.start_again();
+    let mut lake = harness::S3Lake::new(&s3);
+    let (drained, snap) = wait_lake(
+        &mut lake,
+        &ids,
+        Duration::from_millis(500),
+        harness::deadline(180),
+        t0,
+    )
+    .await;
+    let st = agent.sigterm_and_wait(Duration::from_secs(60)).await;
+    let records = snap.records.iter().filter(|r| r.id().is_some()).count();
+    println!(
+        "mqtt byte budget: {N} x 1 MiB with the spool full; peak RSS {:.1} MiB above idle (budget {BUDGET_MIB} MiB); \
+         drained after S3 came back in {drained:?}; {records} records for {N} ids",
+        harness::media::mib(peak)
+    );
+    assert!(drained.is_some(), "not every message reached S3");
+    assert_eq!(records, N, "a message is in S3 more than once");
+    assert!(
+        st.success(),
+        "silt run should exit 0 after SIGTERM, got {st}"
+    );
+}
+
 // ------------------------------------------------------------ 4. spool cap
 
 fn cap_stack(name: &'static str, when_full: &'static str) -> StackOpts<'static> {

@@ -578,6 +578,122 @@ print(json.dumps({'list_multipart_uploads': listed, 'parts': parts}))
 /// s3s-fs, a raw sink `media` (through a throttling proxy when `throttle`
 /// is set) and an NDJSON sink `lake` that takes the index lines, fed by the
 /// HTTP source `cam`.
+/// A query value becomes object metadata; with a control character in it
+/// (`?site=a%0Ab`) the upload request could not be built, was retried
+/// forever, and every later upload of the sink waited behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_characters_in_metadata_do_not_stall_the_sink() {
+    let mut st = MediaStack::start_with("media-header", None, |endpoint, s3, http_port| {
+        media_source("cam", http_port, Some(TOKEN), None)
+            + &raw_sink("media", &["cam"], endpoint, &s3.bucket, "8MiB", &[])
+                .replace("retry_max", "metadata_attributes = [\"site\"]\nretry_max")
+    })
+    .await;
+    for (name, query, seed) in [
+        ("bad.jpg", "?site=a%0Ab", 1),
+        ("good.jpg", "?site=plant-1", 2),
+    ] {
+        let reply = st.put(name, query, 4096, seed).await;
+        assert_eq!(reply.status, Some(201), "PUT {name}{query}: {reply:?}");
+    }
+    let end = deadline(30);
+    let objects = loop {
+        let objects = st.bucket.list("").await.unwrap_or_default();
+        if objects.len() >= 2 {
+            break objects;
+        }
+        if Instant::now() >= end {
+            st.agent.dump_log(40);
+            panic!("both uploads should reach S3 within 30 s; objects {objects:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut sites = Vec::new();
+    for (key, _) in &objects {
+        sites.push(st.bucket.metadata(key, "site").await.unwrap());
+    }
+    sites.sort();
+    st.note(format!("objects {objects:?}, site metadata {sites:?}"));
+    assert_eq!(
+        sites,
+        [Some("a%0Ab".to_string()), Some("plant-1".to_string())]
+    );
+    let status = st.agent.sigterm_and_wait(Duration::from_secs(60)).await;
+    assert!(
+        status.success(),
+        "silt run should exit 0 after SIGTERM, got {status}"
+    );
+}
+
+/// A link slower than a fixed request timeout allows: 192 KiB through a
+/// 32 KiB/s proxy (6 s). With `min_upload_rate = "1GiB"` every attempt gets
+/// about `request_timeout` (2 s) whatever its size, as with the old fixed
+/// timeout: each is cut short and the object never lands. With the rate
+/// lowered to 8 KiB/s the deadline is 2 s + 24 s, and after a restart the
+/// same sealed batch goes up under its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_deadlines_grow_with_the_object_on_a_slow_link() {
+    let rate = |r: &str| format!("request_timeout = \"2s\"\nmin_upload_rate = \"{r}\"\nretry_max");
+    let mut st =
+        MediaStack::start_with("media-slow-link", Some(32 * 1024), |endpoint, s3, port| {
+            media_source("cam", port, Some(TOKEN), None)
+                + &raw_sink("media", &["cam"], endpoint, &s3.bucket, "8MiB", &[])
+                    .replace("retry_max", &rate("1GiB"))
+        })
+        .await;
+    let reply = st.put("slow.bin", "", 192 * 1024, 9).await;
+    assert_eq!(reply.status, Some(201), "{reply:?}");
+    let cut = "did not finish within";
+    st.agent
+        .wait_log_n(cut, 3, deadline(30))
+        .await
+        .expect("attempts cut at the fixed deadline");
+    let objects = st.bucket.list("").await.unwrap_or_default();
+    assert!(objects.is_empty(), "nothing can land in 2 s: {objects:?}");
+    st.agent.kill9();
+    st.note("3 attempts cut at about 2 s; restarting with min_upload_rate = 8KiB");
+
+    // A fresh proxy: the old one still forwards, at the shared rate, what
+    // the cut attempts had written into its socket buffers.
+    let old = st.proxy.take().expect("throttled").endpoint();
+    let proxy = ThrottleProxy::start(st.s3.port, 32 * 1024).await;
+    let config = std::fs::read_to_string(&st.agent.config).unwrap();
+    let config = config
+        .replace("\"1GiB\"", "\"8KiB\"")
+        .replace(&old, &proxy.endpoint());
+    std::fs::write(&st.agent.config, config).unwrap();
+    st.proxy = Some(proxy);
+    st.agent.spawn();
+    st.wait_up().await;
+    let end = deadline(60);
+    let objects = loop {
+        let objects = st.bucket.list("").await.unwrap_or_default();
+        if !objects.is_empty() {
+            break objects;
+        }
+        if Instant::now() >= end {
+            st.agent.dump_log(40);
+            panic!("the object should be written within 60 s at a 26 s deadline");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let timeouts = st.agent.count_log(cut);
+    st.note(format!(
+        "written: {objects:?}; attempts cut in this run: {timeouts}"
+    ));
+    assert_eq!(objects.len(), 1);
+    assert_eq!(objects[0].1, 192 * 1024);
+    assert_eq!(
+        timeouts, 0,
+        "no attempt should be cut at 2 s + size / 8 KiB/s"
+    );
+    let status = st.agent.sigterm_and_wait(Duration::from_secs(60)).await;
+    assert!(
+        status.success(),
+        "silt run should exit 0 after SIGTERM, got {status}"
+    );
+}
+
 struct MediaStack {
     agent: Agent,
     proxy: Option<ThrottleProxy>,

@@ -212,6 +212,9 @@ fn check(path: PathBuf, print: bool) -> anyhow::Result<()> {
     }
     let config = silt::config::load(&path)?;
     let plugins = silt::transform::load_plugins(&config)?;
+    for warning in silt::config::warnings(&config) {
+        eprintln!("warning: {warning}");
+    }
     print!("{}", config.graph());
     if !plugins.is_empty() {
         println!("plugins loaded and initialised: {}", plugins.len());

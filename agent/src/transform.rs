@@ -198,6 +198,13 @@ impl Ingest {
         Ok(outcome)
     }
 
+    /// The most payload bytes a source should commit at once: a commit
+    /// larger than the spool's cap could never be taken, and waiting for
+    /// room would wait forever.
+    pub fn commit_bytes_cap(&self) -> usize {
+        (self.spool.max_bytes() / 4).max(1) as usize
+    }
+
     /// Whether the spool would refuse events now (full, `block` policy).
     pub fn refuses_appends(&self) -> bool {
         self.spool.refuses_appends()
@@ -232,6 +239,12 @@ impl Ingest {
         let outcome = self.spool.append_groups(groups, marks).await?;
         self.metrics.events_in(source, 1);
         Ok(outcome)
+    }
+
+    /// Commits `marks` without events. A full spool takes them: marks are
+    /// bookkeeping of what sources already received, and tiny.
+    pub async fn store_marks(&self, marks: Vec<Mark>) -> Result<(), SpoolError> {
+        self.spool.append_groups(Vec::new(), marks).await.map(drop)
     }
 
     /// Every mark of `tree` stored by earlier [`Ingest::ingest_marked`]s.

@@ -150,6 +150,7 @@ pub async fn publish(
     mo.set_keep_alive(Duration::from_secs(30));
     mo.set_clean_session(true);
     mo.set_inflight(opts.inflight.max(1));
+    mo.set_max_packet_size(32 << 20, 32 << 20);
     let (client, mut el) = AsyncClient::new(mo, 256);
     let st = Arc::new(Mutex::new(State {
         acked: vec![None; msgs.len()],

@@ -202,6 +202,17 @@ impl Mosquitto {
         self.spawn();
     }
 
+    /// Restarts without the saved state: every client session (and what
+    /// was in flight in it) is gone, as after a restart of a broker that
+    /// runs without persistence.
+    pub fn restart_forgetting_sessions(&mut self) {
+        self.stop();
+        let persist = self.dir.join("persist");
+        fs::remove_dir_all(&persist).unwrap();
+        fs::create_dir_all(&persist).unwrap();
+        self.spawn();
+    }
+
     pub fn log_tail(&self, n: usize) -> String {
         tail(&self.log, n)
     }

@@ -2,6 +2,12 @@
 //!
 //! Everything but `{batch}` is the event's *partition*: the batcher keeps
 //! one open batch per partition, so an object never mixes partitions.
+//!
+//! A key is valid by construction, whatever the data: a value renders as one
+//! path segment of safe characters, at most [`MAX_VALUE_LEN`] of them (a
+//! longer one renders as [`TOO_LONG`]), and when a key would still pass
+//! S3's 1,024-byte limit every data placeholder renders as [`TOO_LONG`].
+//! A key S3 refuses would be retried forever and hold up the whole sink.
 
 use std::fmt::Write;
 
@@ -11,6 +17,20 @@ use crate::event::Event;
 
 /// What a placeholder renders to when its attribute or field is absent.
 pub const MISSING: &str = "__missing__";
+
+/// What a data placeholder renders to when its value is longer than
+/// [`MAX_VALUE_LEN`], or when the whole key would be too long for S3.
+pub const TOO_LONG: &str = "__too_long__";
+
+/// The longest value an `{attr.*}` or `{field.*}` placeholder renders.
+pub const MAX_VALUE_LEN: usize = 128;
+
+/// S3's limit on a key, in bytes.
+pub const MAX_KEY_LEN: usize = 1024;
+
+/// What a key may grow by after rendering: `{batch}` is counted as its 10
+/// digits, and a conflict moves a batch to a key with `-r{ms}-{n}` added.
+const KEY_RESERVE: usize = 10 + 24;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Part {
@@ -103,13 +123,52 @@ impl KeyTemplate {
         self.render_with(agent, sink, event, None)
     }
 
+    /// The same key with and without the batch number, so an object's key
+    /// always starts with its partition.
     fn render_with(&self, agent: &str, sink: &str, event: &Event, batch: Option<u64>) -> String {
+        let key = self.render_parts(agent, sink, event, batch, true);
+        let batch_len = batch.map_or(0, |b| format!("{b:010}").len());
+        if key.len() - batch_len + KEY_RESERVE > MAX_KEY_LEN {
+            return self.render_parts(agent, sink, event, batch, false);
+        }
+        key
+    }
+
+    /// The longest and the shortest key this template renders for `agent`
+    /// and `sink` (data values at [`MAX_VALUE_LEN`], or all [`TOO_LONG`]),
+    /// counting what [`KEY_RESERVE`] keeps free.
+    pub fn len_bounds(&self, agent: &str, sink: &str) -> (usize, usize) {
+        let (mut longest, mut shortest) = (KEY_RESERVE, KEY_RESERVE);
+        for part in &self.parts {
+            let (most, least) = match part {
+                Part::Literal(s) => (s.len(), s.len()),
+                Part::Agent => (agent.len(), agent.len()),
+                Part::Sink => (sink.len(), sink.len()),
+                Part::Year => (4, 4),
+                Part::Month | Part::Day | Part::Hour | Part::Minute => (2, 2),
+                Part::Batch => (0, 0),
+                Part::Attr(_) | Part::Field(_) => (MAX_VALUE_LEN, TOO_LONG.len()),
+            };
+            longest += most;
+            shortest += least;
+        }
+        (longest, shortest)
+    }
+
+    fn render_parts(
+        &self,
+        agent: &str,
+        sink: &str,
+        event: &Event,
+        batch: Option<u64>,
+        with_data: bool,
+    ) -> String {
         let t = OffsetDateTime::from_unix_timestamp_nanos(event.ts_ms as i128 * 1_000_000)
             .unwrap_or(OffsetDateTime::UNIX_EPOCH);
         let fields = self
             .parts
             .iter()
-            .any(|p| matches!(p, Part::Field(_)))
+            .any(|p| with_data && matches!(p, Part::Field(_)))
             .then(|| top_level_fields(&event.payload))
             .flatten();
         let mut out = String::new();
@@ -129,6 +188,7 @@ impl KeyTemplate {
                         write!(out, "{batch:010}").expect("to a String")
                     }
                 }
+                Part::Attr(_) | Part::Field(_) if !with_data => out.push_str(TOO_LONG),
                 Part::Attr(name) => push_value(&mut out, event.attribute(name)),
                 Part::Field(name) => {
                     let value = fields.as_ref().and_then(|f| f.get(name.as_str()));
@@ -161,6 +221,8 @@ fn scalar_text(value: &serde_json::Value) -> Option<String> {
 fn push_value(out: &mut String, value: Option<&str>) {
     match value {
         None | Some("") | Some(".") | Some("..") => out.push_str(MISSING),
+        // Each character renders as one byte.
+        Some(v) if v.chars().nth(MAX_VALUE_LEN).is_some() => out.push_str(TOO_LONG),
         Some(v) => out.extend(v.chars().map(|c| {
             if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+' | '@') {
                 c
@@ -209,6 +271,51 @@ mod tests {
         let t = KeyTemplate::parse("{field.o}/{attr.x}/{batch}").unwrap();
         assert_eq!(t.partition("a", "s", &e), "__missing__/__missing__/");
         assert!(KeyTemplate::parse("{attr.}/{batch}").is_err());
+    }
+
+    #[test]
+    fn long_values_and_keys_render_as_too_long_and_fit_s3() {
+        let t = KeyTemplate::parse("p/site={field.site}/{attr.a}/{batch}.ndjson.gz").unwrap();
+        let event = |site: &str, a: &str| {
+            let mut e = Event::new(0, "t", format!(r#"{{"site":"{site}"}}"#).into_bytes());
+            e.attributes.push(("a".into(), a.into()));
+            e
+        };
+        let at_cap = "s".repeat(MAX_VALUE_LEN);
+        let key = t.render("g", "s", &event(&at_cap, "x"), 1);
+        assert_eq!(key, format!("p/site={at_cap}/x/0000000001.ndjson.gz"));
+        let over = "é".repeat(MAX_VALUE_LEN + 1);
+        assert_eq!(
+            t.partition("g", "s", &event(&over, "x")),
+            "p/site=__too_long__/x/.ndjson.gz"
+        );
+
+        let many = KeyTemplate::parse(
+            &(0..10)
+                .map(|i| format!("{{attr.a}}-{i}"))
+                .collect::<Vec<_>>()
+                .join("/")
+                .replace("-0", "-0/{batch}"),
+        )
+        .unwrap();
+        let (longest, shortest) = many.len_bounds("g", "s");
+        assert!(longest > MAX_KEY_LEN && shortest < MAX_KEY_LEN);
+        let e = event("x", &at_cap);
+        let key = many.render("g", "s", &e, 12_345_678_901);
+        assert!(key.len() <= MAX_KEY_LEN - 24, "{} bytes", key.len());
+        assert!(key.starts_with("__too_long__-0/12345678901/__too_long__-1"));
+        assert!(
+            key.starts_with(
+                &many
+                    .partition("g", "s", &e)
+                    .replace("-0/", "-0/12345678901")
+            )
+        );
+        let short = event("x", "short");
+        assert!(
+            many.render("g", "s", &short, 1)
+                .starts_with("short-0/0000000001/short-1")
+        );
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::metrics::Metrics;
 use crate::sinks::{Sink, SinkError, Written};
 use crate::spool::{BatchMeta, SealRule, SinkId, SinkSpec, Spool, SpoolError};
 pub use encode::{encode_ndjson, rfc3339_ms};
-pub use key::KeyTemplate;
+pub use key::{KeyTemplate, MAX_KEY_LEN, MAX_VALUE_LEN, TOO_LONG};
 pub use object::CONTENT_TYPE_ATTRIBUTE;
 use object::{Encoding, Object};
 
@@ -41,6 +41,7 @@ pub struct Batcher {
     encoding: Encoding,
     media: media::MediaSink,
     retry_max: Duration,
+    deadline: UploadDeadline,
     metrics: Arc<Metrics>,
     progress: std::sync::Mutex<progress::BacklogProgress>,
 }
@@ -54,6 +55,19 @@ const MEDIA_SWEEP_EVERY: Duration = Duration::from_secs(15 * 60);
 enum Step {
     Continue,
     Done,
+}
+
+/// How long one attempt at writing an object may take.
+#[derive(Debug, Clone, Copy)]
+struct UploadDeadline {
+    base: Duration,
+    bytes_per_sec: u64,
+}
+
+impl UploadDeadline {
+    fn of(self, bytes: u64) -> Duration {
+        self.base + Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec.max(1) as f64)
+    }
 }
 
 /// How long to sleep before upload attempt `n` (0-based) after a failure.
@@ -99,6 +113,10 @@ impl Batcher {
                 sidecar_sinks: context.sidecar_sinks,
             },
             retry_max: config.retry_max,
+            deadline: UploadDeadline {
+                base: config.request_timeout,
+                bytes_per_sec: config.min_upload_rate.as_u64(),
+            },
             metrics: context.metrics,
             progress: Default::default(),
         })
@@ -257,9 +275,12 @@ impl Batcher {
             .uploading(&self.name, events.iter().map(|e| e.ts_ms).min());
         let mut key = meta.key.clone();
         let (mut attempt, mut conflicts) = (0, 0);
+        let deadline = self.deadline.of(object.size());
         let size = loop {
             let result = tokio::select! {
-                r = self.write(&key, &object) => r,
+                r = tokio::time::timeout(deadline, self.write(&key, &object)) => {
+                    r.unwrap_or_else(|_| Err(SinkError::Timeout { key: key.clone(), after: deadline }))
+                }
                 _ = stop.cancelled() => return Ok(false),
             };
             if let Err(e) = &result {
@@ -422,6 +443,17 @@ mod tests {
         assert_eq!(backoff(0, max), Duration::from_millis(100));
         assert_eq!(backoff(3, max), Duration::from_millis(800));
         assert_eq!(backoff(30, max), max);
+    }
+
+    #[test]
+    fn the_upload_deadline_grows_with_the_object() {
+        let d = UploadDeadline {
+            base: Duration::from_secs(30),
+            bytes_per_sec: 32 * 1024,
+        };
+        assert_eq!(d.of(0), Duration::from_secs(30));
+        // 8 MiB at 32 KiB/s: 256 s to move it.
+        assert_eq!(d.of(8 << 20), Duration::from_secs(30 + 256));
     }
 
     #[test]

@@ -16,6 +16,11 @@ use crate::sinks::ObjectInfo;
 /// The attribute a source or plugin sets to give a raw object its type.
 pub const CONTENT_TYPE_ATTRIBUTE: &str = "content_type";
 
+/// The longest metadata value written (S3 takes 2 KB of user metadata).
+pub const MAX_METADATA_VALUE: usize = 256;
+
+const DEFAULT_CONTENT_TYPE: &str = "application/octet-stream";
+
 /// How a sink turns batches into objects.
 #[derive(Debug, Clone)]
 pub struct Encoding {
@@ -49,6 +54,16 @@ pub enum Object {
         info: ObjectInfo,
         event: Box<Event>,
     },
+}
+
+impl Object {
+    /// The bytes an upload of this object moves.
+    pub fn size(&self) -> u64 {
+        match self {
+            Object::Bytes { body, .. } => body.len() as u64,
+            Object::File { media, .. } => media.size,
+        }
+    }
 }
 
 /// The object for a batch (`events` is never empty), or why there is none:
@@ -112,7 +127,7 @@ fn raw(event: &Event, metadata: Vec<(String, String)>) -> Result<Object, String>
     Ok(match MediaRef::of(event) {
         Some(Ok(media)) => Object::File {
             info: ObjectInfo {
-                content_type: media.content_type.clone(),
+                content_type: content_type(Some(&media.content_type)),
                 content_encoding: None,
                 metadata,
             },
@@ -123,10 +138,7 @@ fn raw(event: &Event, metadata: Vec<(String, String)>) -> Result<Object, String>
         None => Object::Bytes {
             body: event.payload.clone(),
             info: ObjectInfo {
-                content_type: event
-                    .attribute(CONTENT_TYPE_ATTRIBUTE)
-                    .unwrap_or("application/octet-stream")
-                    .to_string(),
+                content_type: content_type(event.attribute(CONTENT_TYPE_ATTRIBUTE)),
                 content_encoding: None,
                 metadata,
             },
@@ -134,13 +146,51 @@ fn raw(event: &Event, metadata: Vec<(String, String)>) -> Result<Object, String>
     })
 }
 
-/// The configured attributes the event has, as object metadata.
+/// The configured attributes the event has, as object metadata. Values
+/// come from clients and plugins; a header value S3 refuses would make
+/// every retry of the object fail.
 fn metadata(event: &Event, names: &[String]) -> Vec<(String, String)> {
     names
         .iter()
         .filter(|n| !n.starts_with(RESERVED_ATTRIBUTE_PREFIX))
-        .filter_map(|n| Some((n.clone(), event.attribute(n)?.to_string())))
+        .filter_map(|n| Some((n.clone(), header_safe(event.attribute(n)?))))
         .collect()
+}
+
+/// `value` as a header value S3 stores unchanged: printable ASCII stays;
+/// control characters, non-ASCII bytes, `%` and spaces at either end are
+/// percent-encoded (UTF-8); cut after [`MAX_METADATA_VALUE`] bytes.
+fn header_safe(value: &str) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(value.len().min(MAX_METADATA_VALUE));
+    let last = value.len().saturating_sub(1);
+    for (i, b) in value.bytes().enumerate() {
+        let inner_space = b == b' ' && i != 0 && i != last;
+        let keep = (0x21..=0x7E).contains(&b) && b != b'%' || inner_space;
+        if out.len() + if keep { 1 } else { 3 } > MAX_METADATA_VALUE {
+            break;
+        }
+        if keep {
+            out.push(char::from(b));
+        } else {
+            write!(out, "%{b:02X}").expect("to a String");
+        }
+    }
+    out
+}
+
+/// A content type from a client or plugin, if it can be sent as a header.
+fn content_type(value: Option<&str>) -> String {
+    match value {
+        Some(v)
+            if !v.is_empty()
+                && v.len() <= MAX_METADATA_VALUE
+                && v.bytes().all(|b| (0x20..=0x7E).contains(&b)) =>
+        {
+            v.to_string()
+        }
+        _ => DEFAULT_CONTENT_TYPE.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -201,5 +251,25 @@ mod tests {
         };
         assert_eq!(info.content_type, PARQUET_CONTENT_TYPE);
         assert_eq!(&body[..4], b"PAR1");
+    }
+
+    #[test]
+    fn metadata_and_content_type_are_valid_header_values() {
+        assert_eq!(header_safe("berlin 1"), "berlin 1");
+        assert_eq!(header_safe("a\nb"), "a%0Ab");
+        assert_eq!(header_safe(" x%y "), "%20x%25y%20");
+        assert_eq!(header_safe("Köln\u{7f}"), "K%C3%B6ln%7F");
+        let long = header_safe(&"\u{1}".repeat(200));
+        assert_eq!(long.len(), MAX_METADATA_VALUE - MAX_METADATA_VALUE % 3);
+        assert!(long.bytes().all(|b| (0x21..=0x7E).contains(&b)));
+        assert_eq!(header_safe(&"y".repeat(300)).len(), MAX_METADATA_VALUE);
+
+        assert_eq!(content_type(Some("image/jpeg")), "image/jpeg");
+        assert_eq!(
+            content_type(Some("text/plain\r\nx-evil: 1")),
+            DEFAULT_CONTENT_TYPE
+        );
+        assert_eq!(content_type(Some("")), DEFAULT_CONTENT_TYPE);
+        assert_eq!(content_type(None), DEFAULT_CONTENT_TYPE);
     }
 }

@@ -6,6 +6,8 @@
 mod load;
 mod validate;
 
+pub use validate::warnings;
+
 #[cfg(test)]
 mod tests;
 
@@ -190,6 +192,11 @@ pub struct MqttSourceConfig {
     pub keep_alive: Duration,
     #[serde(default = "default_mqtt_max_packet")]
     pub max_packet_size: ByteSize,
+    /// Bytes of received messages held in memory until they are committed
+    /// and acked; past it the source stops reading from the broker, which
+    /// keeps the rest.
+    #[serde(default = "default_mqtt_inflight_bytes")]
+    pub max_inflight_bytes: ByteSize,
     /// Cap of the exponential backoff between reconnect attempts.
     #[serde(default = "default_reconnect_max", with = "humantime_serde")]
     pub reconnect_max: Duration,
@@ -206,6 +213,10 @@ fn default_qos() -> u8 {
 
 fn default_keep_alive() -> Duration {
     Duration::from_secs(30)
+}
+
+fn default_mqtt_inflight_bytes() -> ByteSize {
+    ByteSize::mib(64)
 }
 
 fn default_mqtt_max_packet() -> ByteSize {
@@ -313,6 +324,13 @@ pub struct SinkConfig {
     /// Cap of the exponential backoff between upload retries.
     #[serde(default = "default_retry_max", with = "humantime_serde")]
     pub retry_max: Duration,
+    /// Time an upload gets besides moving its bytes at `min_upload_rate`.
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// The slowest link (bytes per second) an upload must still finish on:
+    /// an object of N bytes gets `request_timeout` + N / this.
+    #[serde(default = "default_min_upload_rate")]
+    pub min_upload_rate: ByteSize,
     /// `s3`: storage class of every object (`STANDARD_IA`, `GLACIER_IR`, ...).
     #[serde(default)]
     pub storage_class: Option<String>,
@@ -364,6 +382,14 @@ impl SinkConfig {
         self.compression_level
             .unwrap_or_else(|| default_compression_level(self.compression()))
     }
+}
+
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_min_upload_rate() -> ByteSize {
+    ByteSize::kib(32)
 }
 
 fn default_compression_level(compression: Compression) -> u32 {

@@ -213,11 +213,35 @@ fn graph_errors_name_the_component() {
             ),
             "unknown placeholder",
         ),
+        (
+            MINIMAL.replace(
+                "path = \"./lake\"",
+                &format!(
+                    "path = \"./lake\"\nkey = \"{}/{{batch}}\"",
+                    "d".repeat(1_000)
+                ),
+            ),
+            "over S3's 1024-byte limit",
+        ),
     ];
     for (text, expect) in cases {
         let err = load_str(&text, "c.toml").unwrap_err().to_string();
         assert!(err.contains(expect), "expected `{expect}` in: {err}");
     }
+}
+
+#[test]
+fn keys_that_can_pass_the_s3_limit_are_warned_about() {
+    let ok = load_str(MINIMAL, "c.toml").unwrap();
+    assert!(warnings(&ok).is_empty());
+    let key = (0..8).map(|i| format!("{{attr.a{i}}}")).collect::<Vec<_>>();
+    let text = MINIMAL.replace(
+        "path = \"./lake\"",
+        &format!("path = \"./lake\"\nkey = \"{}/{{batch}}\"", key.join("/")),
+    );
+    let warned = warnings(&load_str(&text, "c.toml").unwrap());
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    assert!(warned[0].starts_with("sinks.lake.key") && warned[0].contains("__too_long__"));
 }
 
 #[test]

@@ -5,7 +5,24 @@ use std::collections::{BTreeSet, HashSet};
 
 use super::load::{ConfigError, Origins};
 use super::{Compression, Config, Format, SinkConfig, SinkKind, SourceConfig};
-use crate::batch::KeyTemplate;
+use crate::batch::{KeyTemplate, MAX_KEY_LEN, MAX_VALUE_LEN, TOO_LONG};
+
+/// What a valid config may still do that its author should know about.
+pub fn warnings(config: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, sink) in &config.sinks {
+        let Ok(template) = KeyTemplate::parse(&sink.key()) else {
+            continue;
+        };
+        let (longest, _) = template.len_bounds(&config.agent.id, name);
+        if longest > MAX_KEY_LEN {
+            out.push(format!(
+                "sinks.{name}.key: with {{attr.*}}/{{field.*}} values near their {MAX_VALUE_LEN}-byte cap a key reaches {longest} bytes, over S3's {MAX_KEY_LEN}; such events are stored under `{TOO_LONG}` in every data placeholder"
+            ));
+        }
+    }
+    out
+}
 
 pub(super) fn validate(config: &Config, origins: &Origins) -> Result<(), ConfigError> {
     let fail =
@@ -129,14 +146,29 @@ pub(super) fn validate(config: &Config, origins: &Origins) -> Result<(), ConfigE
                 );
             }
         }
-        if let Err(message) = KeyTemplate::parse(&sink.key()) {
-            return fail(format!("sinks.{name}.key"), message);
+        match KeyTemplate::parse(&sink.key()) {
+            Err(message) => return fail(format!("sinks.{name}.key"), message),
+            Ok(template) if template.len_bounds(&config.agent.id, name).1 > MAX_KEY_LEN => {
+                return fail(
+                    format!("sinks.{name}.key"),
+                    format!(
+                        "keys of this template are over S3's {MAX_KEY_LEN}-byte limit even with every data value as `{TOO_LONG}`: shorten its literal parts"
+                    ),
+                );
+            }
+            Ok(_) => {}
         }
         if let Err((key, message)) = validate_sink_format(name, sink, config) {
             return fail(format!("sinks.{name}.{key}"), message);
         }
         if let Err((key, message)) = validate_sink_kind(sink) {
             return fail(format!("sinks.{name}.{key}"), message);
+        }
+        if sink.request_timeout.is_zero() || sink.min_upload_rate.as_u64() == 0 {
+            return fail(
+                format!("sinks.{name}.request_timeout"),
+                "request_timeout and min_upload_rate must be above zero".into(),
+            );
         }
         if sink.batch.max_records == 0 || sink.batch.max_bytes.as_u64() == 0 {
             return fail(
@@ -188,6 +220,13 @@ fn validate_source(source: &SourceConfig) -> Result<(), (&'static str, String)> 
             }
             if mqtt.username.is_none() && mqtt.password.is_some() {
                 return Err(("password", "`password` is set without `username`".into()));
+            }
+            let inflight = mqtt.max_inflight_bytes.as_u64();
+            if !(1..=u64::from(u32::MAX)).contains(&inflight) {
+                return Err((
+                    "max_inflight_bytes",
+                    "must be above 0 and at most 4GiB, e.g. \"64MiB\"".into(),
+                ));
             }
             if let Some(f) = mqtt
                 .topic_fields

@@ -34,6 +34,13 @@ pub enum SinkError {
     },
     #[error("saving upload progress of {key} failed: {message}")]
     Checkpoint { key: String, message: String },
+    #[error(
+        "writing {key} did not finish within {after:?}; if the link is slower than `min_upload_rate`, lower it"
+    )]
+    Timeout {
+        key: String,
+        after: std::time::Duration,
+    },
 }
 
 impl SinkError {
@@ -47,7 +54,7 @@ impl SinkError {
                     | object_store::Error::NotSupported { .. }
                     | object_store::Error::InvalidPath { .. }
             ),
-            SinkError::Checkpoint { .. } => true,
+            SinkError::Checkpoint { .. } | SinkError::Timeout { .. } => true,
             SinkError::Setup { .. } | SinkError::Conflict { .. } | SinkError::Media { .. } => false,
         }
     }

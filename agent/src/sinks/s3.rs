@@ -17,10 +17,12 @@ pub(super) fn build(config: &SinkConfig) -> Result<Arc<AmazonS3>, String> {
         builder = builder.with_region(config.region.as_deref().unwrap_or("us-east-1"));
     }
     // Client options first: `with_client_options` replaces them whole,
-    // including the allow-http flag set below.
+    // including the allow-http flag set below. No fixed request timeout:
+    // the batcher gives each upload a deadline that grows with its size, so
+    // a large object on a slow link is not cut off on every try.
     let client = ClientOptions::new()
         .with_connect_timeout(Duration::from_secs(5))
-        .with_timeout(Duration::from_secs(120));
+        .with_timeout_disabled();
     builder = builder.with_client_options(client);
     if let Some(endpoint) = &config.endpoint {
         builder = builder

@@ -11,6 +11,7 @@
 mod chunk;
 pub mod inspect;
 mod legacy;
+mod partitions;
 mod segments;
 pub use segments::{create_dir_durably, sync_dir};
 mod sink_log;
@@ -406,6 +407,11 @@ impl Spool {
     /// file beside the spool) would dip under `spool.min_free`.
     pub fn disk_short(&self, need: u64) -> bool {
         self.shared.limits.disk_short(need)
+    }
+
+    /// `spool.max_bytes`.
+    pub fn max_bytes(&self) -> u64 {
+        self.shared.max_bytes
     }
 
     /// Total encoded bytes held, across sinks.

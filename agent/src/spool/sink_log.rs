@@ -7,11 +7,13 @@
 //! key prefix); its records below the end of its last sealed batch belong
 //! to a batch, the rest are "unsealed" and wait for the batcher.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 
 use super::SpoolError;
 use super::chunk::{self, ChunkRef, DecodeError};
+pub(super) use super::partitions::OpenPartition;
+use super::partitions::Partitions;
 use super::segments::{self, Segments};
 use super::types::{BatchMeta, Partitioner, SealRule, SinkStats};
 use crate::event::Event;
@@ -19,17 +21,6 @@ use crate::event::Event;
 /// A chunk is closed at this size and the next event starts another, so
 /// reading one back never needs much memory.
 const CHUNK_TARGET: usize = 256 * 1024;
-
-/// The unsealed tail of one partition.
-#[derive(Debug)]
-pub(super) struct OpenPartition {
-    pub prefix: String,
-    /// First record sequence not covered by a sealed batch.
-    pub unsealed_from: u64,
-    pub records: u64,
-    pub bytes: u64,
-    pub oldest_ms: Option<i64>,
-}
 
 /// Events of one partition added during the current group commit.
 struct Run {
@@ -48,8 +39,7 @@ pub(super) struct SinkLog {
     pub next_seq: u64,
     pub next_batch: u64,
     pub next_partition: u64,
-    pub open: BTreeMap<u64, OpenPartition>,
-    pub by_prefix: HashMap<String, u64>,
+    pub open: Partitions,
     pub stats: SinkStats,
     pub segments: Segments,
     /// `next_seq` as the files held it on open.
@@ -145,8 +135,7 @@ impl SinkLog {
             next_seq,
             next_batch,
             next_partition: 0,
-            open: BTreeMap::new(),
-            by_prefix: HashMap::new(),
+            open: Partitions::default(),
             stats: SinkStats::default(),
             segments,
             recovered_seq: next_seq,
@@ -177,7 +166,7 @@ impl SinkLog {
         if run.chunk.len() >= CHUNK_TARGET {
             self.filling.remove(&partition);
         }
-        let p = self.open.get_mut(&partition).expect("just opened");
+        let p = self.open.get_mut(partition).expect("just opened");
         p.records += 1;
         p.bytes += len;
         p.oldest_ms.get_or_insert(event.ts_ms);
@@ -281,7 +270,7 @@ impl SinkLog {
     /// The open partition `event` belongs to, opened if needed.
     fn partition_for(&mut self, event: &Event) -> u64 {
         let prefix = (self.partition_of)(event);
-        if let Some(&id) = self.by_prefix.get(&prefix) {
+        if let Some(id) = self.open.by_prefix(&prefix) {
             return id;
         }
         let id = self.next_partition;
@@ -289,40 +278,30 @@ impl SinkLog {
         self.open.insert(
             id,
             OpenPartition {
-                prefix: prefix.clone(),
+                prefix,
                 unsealed_from: self.next_seq,
                 records: 0,
                 bytes: 0,
                 oldest_ms: None,
             },
         );
-        self.by_prefix.insert(prefix, id);
         id
     }
 
     pub fn close_partition(&mut self, id: u64) {
-        if let Some(p) = self.open.remove(&id)
-            && self.by_prefix.get(&p.prefix) == Some(&id)
-        {
-            self.by_prefix.remove(&p.prefix);
-        }
+        self.open.remove(id);
     }
 
-    pub fn oldest_partition(&self) -> Option<(u64, i64)> {
-        self.open
-            .iter()
-            .map(|(&id, p)| (id, p.oldest_ms.unwrap_or(i64::MIN)))
-            .min_by_key(|&(_, oldest)| oldest)
+    pub fn oldest_partition(&mut self) -> Option<(u64, i64)> {
+        self.open.reindex();
+        self.open.oldest()
     }
 
-    /// A full partition first; otherwise the oldest one, if it is old
+    /// The fullest full partition first; otherwise the oldest one, if it is old
     /// enough, there are too many open, or `force`.
-    pub fn pick(&self, rule: &SealRule, now_ms: i64) -> Option<u64> {
-        let full = self
-            .open
-            .iter()
-            .find(|(_, p)| p.records >= rule.max_records || p.bytes >= rule.max_bytes);
-        if let Some((&id, _)) = full {
+    pub fn pick(&mut self, rule: &SealRule, now_ms: i64) -> Option<u64> {
+        self.open.reindex();
+        if let Some(id) = self.open.full(rule.max_records, rule.max_bytes) {
             return Some(id);
         }
         let (id, oldest) = self.oldest_partition()?;
@@ -351,7 +330,7 @@ impl SinkLog {
         bytes: u64,
     ) -> Result<(), SpoolError> {
         let oldest = self.peek(partition, next)?;
-        let p = self.open.get_mut(&partition).expect("an open partition");
+        let p = self.open.get_mut(partition).expect("an open partition");
         p.unsealed_from = next;
         p.records -= n;
         p.bytes -= bytes;
@@ -363,13 +342,13 @@ impl SinkLog {
     }
 
     pub fn refresh_stats(&mut self) {
+        self.open.reindex();
         let s = &mut self.stats;
         s.partitions = self.open.len();
-        s.unsealed_records = self.open.values().map(|p| p.records).sum();
-        s.unsealed_bytes = self.open.values().map(|p| p.bytes).sum();
-        s.oldest_unsealed_ms = self.open.values().filter_map(|p| p.oldest_ms).min();
-        s.fullest_records = self.open.values().map(|p| p.records).max().unwrap_or(0);
-        s.fullest_bytes = self.open.values().map(|p| p.bytes).max().unwrap_or(0);
+        s.unsealed_records = self.open.records();
+        s.unsealed_bytes = self.open.bytes();
+        s.oldest_unsealed_ms = self.open.oldest_ms();
+        (s.fullest_records, s.fullest_bytes) = self.open.fullest();
     }
 }
 

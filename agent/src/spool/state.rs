@@ -181,10 +181,9 @@ impl SpoolState {
         );
         log.recovered_seq = max_seq;
         log.next_partition = max_partition;
-        for (&id, p) in &open {
-            log.by_prefix.insert(p.prefix.clone(), id);
+        for (id, p) in open {
+            log.open.insert(id, p);
         }
-        log.open = open;
         log.stats.sealed_batches = sealed_batches;
         log.stats.sealed_bytes = sealed_bytes;
         log.refresh_stats();
@@ -375,7 +374,7 @@ impl SpoolState {
             else {
                 break;
             };
-            let from = log.open[&partition].unsealed_from;
+            let from = log.open.get(partition).expect("open").unsealed_from;
             let Some((seq, mut r)) = log.refs_from(partition, from).next().transpose()? else {
                 log.close_partition(partition);
                 continue;
@@ -420,7 +419,7 @@ impl SpoolState {
         let Some(partition) = log.pick(rule, now_ms) else {
             return Ok(None);
         };
-        let from = log.open[&partition].unsealed_from;
+        let from = log.open.get(partition).expect("picked").unsealed_from;
         let mut events = Vec::new();
         let (mut count, mut bytes, mut next) = (0u64, 0u64, from);
         let mut split = None;

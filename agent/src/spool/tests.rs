@@ -282,13 +282,16 @@ impl ModelSink {
         }
     }
 
-    /// What the spool's forced seal takes: the first full partition in
-    /// creation order, else the one with the oldest event.
+    /// What the spool's forced seal takes: the fullest full partition (the
+    /// first created among equals), else the one with the oldest event.
     fn seal(&mut self, max_records: u64) -> Vec<Event> {
         let full = self
             .unsealed
             .iter()
-            .position(|(_, e)| e.len() as u64 >= max_records);
+            .enumerate()
+            .filter(|(_, (_, e))| e.len() as u64 >= max_records)
+            .max_by_key(|&(i, (_, e))| (e.len(), std::cmp::Reverse(i)))
+            .map(|(i, _)| i);
         let oldest = || {
             (0..self.unsealed.len()).min_by_key(|&i| self.unsealed[i].1.front().map(|e| e.ts_ms))
         };

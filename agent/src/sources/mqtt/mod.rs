@@ -13,17 +13,16 @@ use rumqttc::{
     AsyncClient, Event as MqttEvent, EventLoop, MqttOptions, Packet, Publish, QoS,
     SubscribeReasonCode, Transport,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+mod committer;
 mod redelivery;
 
 use crate::config::MqttSourceConfig;
-use crate::event::{Event, now_ms};
 use crate::metrics::Metrics;
-use crate::spool::{Mark, SpoolError};
 use crate::transform::Ingest;
-use crate::transform::IngestError;
+use committer::{Committer, Incoming};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
@@ -129,22 +128,24 @@ impl MqttSource {
         let (client, eventloop) = AsyncClient::new(self.options, u16::MAX as usize + COMMIT_GROUP);
         let (tx, rx) = mpsc::channel(COMMIT_GROUP * 2);
         let committer_done = CancellationToken::new();
-        let committer = tokio::spawn(commit_loop(
-            self.name.clone(),
-            self.config.topic_fields.clone(),
-            self.ingest.clone(),
-            client.clone(),
-            rx,
-            shutdown.clone(),
-            committer_done.clone(),
-        ));
+        let committer = Committer {
+            source: self.name.clone(),
+            topic_fields: self.config.topic_fields.clone(),
+            ingest: self.ingest.clone(),
+            client: client.clone(),
+            stop: shutdown.clone(),
+        };
+        let committer = tokio::spawn(committer.run(rx, committer_done.clone()));
         let qos = if self.config.qos == 0 {
             QoS::AtMostOnce
         } else {
             QoS::AtLeastOnce
         };
+        let budget = self.config.max_inflight_bytes.as_u64() as usize;
         let conn = Connection {
             name: &self.name,
+            budget: Arc::new(Semaphore::new(budget)),
+            budget_max: budget,
             topics: &self.config.topics,
             qos,
             reconnect_max: self.config.reconnect_max,
@@ -158,6 +159,9 @@ impl MqttSource {
 
 struct Connection<'a> {
     name: &'a str,
+    /// Bytes of received messages the committer may hold (`max_inflight_bytes`).
+    budget: Arc<Semaphore>,
+    budget_max: usize,
     topics: &'a [String],
     qos: QoS,
     reconnect_max: Duration,
@@ -166,18 +170,70 @@ struct Connection<'a> {
 }
 
 impl Connection<'_> {
+    /// Asks for the configured subscriptions on the current connection
+    /// (again on every connect: a broker without the session forgot them).
+    fn subscribe(&self) {
+        let filters = self
+            .topics
+            .iter()
+            .map(|t| rumqttc::SubscribeFilter::new(t.clone(), self.qos));
+        if let Err(e) = self.client.try_subscribe_many(filters) {
+            tracing::error!(source = self.name, error = %e, "mqtt subscribe request failed");
+        }
+    }
+
+    /// Takes `publish`'s share of the in-flight byte budget. While the
+    /// committer holds the rest this waits, and so reads nothing more from
+    /// the broker, which keeps the messages. `None` once nothing is acked
+    /// any more (the source stops).
+    async fn hold(
+        &self,
+        publish: &Publish,
+        paused_at: &mut Option<std::time::Instant>,
+    ) -> Option<OwnedSemaphorePermit> {
+        let cost = (publish.payload.len() + publish.topic.len()).clamp(1, self.budget_max) as u32;
+        if let Ok(held) = self.budget.clone().try_acquire_many_owned(cost) {
+            return Some(held);
+        }
+        if paused_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+            *paused_at = Some(std::time::Instant::now());
+            tracing::info!(
+                source = self.name,
+                budget = self.budget_max,
+                "mqtt in-flight byte budget used up: reading from the broker paused until the spool takes what was received"
+            );
+        }
+        self.budget.clone().acquire_many_owned(cost).await.ok()
+    }
+
     async fn drive(
         &self,
         mut eventloop: EventLoop,
-        tx: mpsc::Sender<Publish>,
+        tx: mpsc::Sender<Incoming>,
         shutdown: &CancellationToken,
         committer_done: CancellationToken,
     ) {
         let mut tx = Some(tx);
         let mut failures = 0u32;
+        let mut connected = false;
+        let mut subscribe = false;
+        // While the committer removes the marks of a lost broker session,
+        // nothing is subscribed: no message of the new session can arrive.
+        let mut forgetting: Option<oneshot::Receiver<()>> = None;
+        let mut paused_at = None;
         loop {
+            if connected && subscribe && forgetting.is_none() {
+                subscribe = false;
+                self.subscribe();
+            }
             let polled = tokio::select! {
                 polled = eventloop.poll() => polled,
+                forgotten = async { forgetting.as_mut().expect("guarded").await }, if forgetting.is_some() => {
+                    forgetting = None;
+                    // Without a committer nothing could be acked.
+                    subscribe &= forgotten.is_ok();
+                    continue;
+                }
                 _ = shutdown.cancelled(), if tx.is_some() => {
                     // Closing the channel lets the committer finish its last
                     // group; we keep polling so its acks reach the broker.
@@ -189,18 +245,25 @@ impl Connection<'_> {
             match polled {
                 Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
                     failures = 0;
+                    connected = true;
                     self.metrics.mqtt_connected(self.name, true);
                     tracing::info!(
                         source = self.name,
                         session_present = ack.session_present,
                         "mqtt connected"
                     );
-                    let filters = self
-                        .topics
-                        .iter()
-                        .map(|t| rumqttc::SubscribeFilter::new(t.clone(), self.qos));
-                    if let Err(e) = self.client.try_subscribe_many(filters) {
-                        tracing::error!(source = self.name, error = %e, "mqtt subscribe request failed");
+                    let Some(tx) = &tx else { continue };
+                    subscribe = true;
+                    if !ack.session_present {
+                        let (done, forgotten) = oneshot::channel();
+                        if tx
+                            .send(Incoming::NewSession { forgotten: done })
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                        forgetting = Some(forgotten);
                     }
                 }
                 Ok(MqttEvent::Incoming(Packet::SubAck(ack))) => {
@@ -216,14 +279,17 @@ impl Connection<'_> {
                 }
                 Ok(MqttEvent::Incoming(Packet::Publish(publish))) => {
                     // After shutdown began, unacked messages stay with the broker.
-                    if let Some(tx) = &tx
-                        && tx.send(publish).await.is_err()
-                    {
+                    let Some(tx) = &tx else { continue };
+                    let Some(held) = self.hold(&publish, &mut paused_at).await else {
+                        break;
+                    };
+                    if tx.send(Incoming::Publish(publish, held)).await.is_err() {
                         break;
                     }
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    connected = false;
                     self.metrics.mqtt_connected(self.name, false);
                     if tx.is_none() {
                         break;
@@ -253,152 +319,9 @@ impl Connection<'_> {
     }
 }
 
-async fn commit_loop(
-    source: String,
-    topic_fields: Vec<String>,
-    ingest: Ingest,
-    client: AsyncClient,
-    mut rx: mpsc::Receiver<Publish>,
-    stop: CancellationToken,
-    done: CancellationToken,
-) {
-    let mut group = Vec::with_capacity(COMMIT_GROUP);
-    let mut redelivery = load_marks(&source, &ingest);
-    while rx.recv_many(&mut group, COMMIT_GROUP).await > 0 {
-        let filtered = redelivery.filter(&group, now_ms());
-        if filtered.redelivered > 0 {
-            tracing::info!(
-                source,
-                messages = filtered.redelivered,
-                "mqtt redeliveries of messages already committed; acked, not stored again"
-            );
-        }
-        let mut events = filtered.events;
-        for event in &mut events {
-            event
-                .attributes
-                .extend(topic_attributes(&topic_fields, &event.topic));
-        }
-        if !commit(&source, &ingest, events, filtered.marks, &stop).await {
-            tracing::warn!(
-                source,
-                messages = group.len(),
-                "stopping with mqtt messages the spool did not take; left unacked with the broker"
-            );
-            break;
-        }
-        if let (Some(first), Some(last)) = (group.first(), group.last()) {
-            tracing::debug!(
-                source,
-                messages = group.len(),
-                first_pkid = first.pkid,
-                last_pkid = last.pkid,
-                "mqtt group committed; acking"
-            );
-        }
-        for publish in group.drain(..) {
-            if publish.qos != QoS::AtMostOnce
-                && let Err(e) = client.ack(&publish).await
-            {
-                tracing::warn!(source, error = %e, "mqtt ack not sent; the broker will redeliver");
-            }
-        }
-    }
-    done.cancel();
-}
-
-/// The redelivery marks a previous run committed. Without them a
-/// redelivery would be stored twice, never lost, so a spool that cannot be
-/// read here is logged and the source goes on.
-fn load_marks(source: &str, ingest: &Ingest) -> redelivery::Redelivery {
-    let read = |tree: String| {
-        ingest.marks(&tree).unwrap_or_else(|e| {
-            tracing::error!(source, tree, error = %e, "cannot read mqtt redelivery marks; redeliveries of messages committed before the restart may be stored twice");
-            Vec::new()
-        })
-    };
-    redelivery::Redelivery::new(
-        source,
-        read(redelivery::page_tree(source)),
-        read(redelivery::legacy_tree(source)),
-    )
-}
-
-/// Attributes named by `topic_fields` from the topic's segments, in order.
-fn topic_attributes(topic_fields: &[String], topic: &str) -> Vec<(String, String)> {
-    topic_fields
-        .iter()
-        .zip(topic.split('/'))
-        .filter(|(name, _)| !name.is_empty())
-        .map(|(name, segment)| (name.clone(), segment.to_string()))
-        .collect()
-}
-
-/// Commits one group, waiting out a full spool or a failing disk: the
-/// broker keeps the messages meanwhile because they are not acked. False
-/// when `stop` came first: nothing of the group was stored.
-async fn commit(
-    source: &str,
-    ingest: &Ingest,
-    events: Vec<Event>,
-    marks: Vec<Mark>,
-    stop: &CancellationToken,
-) -> bool {
-    let mut waited = false;
-    loop {
-        if waited && stop.is_cancelled() {
-            return false;
-        }
-        match ingest
-            .ingest_marked(source, events.clone(), marks.clone())
-            .await
-        {
-            Ok(_) => {
-                if waited {
-                    tracing::info!(source, "spool accepts events again; mqtt acks resume");
-                }
-                return true;
-            }
-            Err(IngestError::Spool(SpoolError::Full)) => {
-                if !waited {
-                    tracing::warn!(
-                        source,
-                        "spool full: holding mqtt acks, the broker keeps the messages"
-                    );
-                }
-                tokio::select! {
-                    _ = ingest.space_freed(Duration::from_secs(1)) => {}
-                    _ = stop.cancelled() => {}
-                }
-            }
-            Err(e) => {
-                tracing::error!(source, error = %e, "cannot commit mqtt messages; retrying in 1s");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = stop.cancelled() => {}
-                }
-            }
-        }
-        waited = true;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn topic_fields_name_segments() {
-        let fields = ["site".to_string(), "".to_string(), "metric".to_string()];
-        assert_eq!(
-            topic_attributes(&fields, "plant-1/pump-7/temp/extra"),
-            [
-                ("site".to_string(), "plant-1".to_string()),
-                ("metric".to_string(), "temp".to_string())
-            ]
-        );
-        assert_eq!(topic_attributes(&fields, "plant-1").len(), 1);
-    }
 
     #[test]
     fn broker_urls() {

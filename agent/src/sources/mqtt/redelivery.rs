@@ -12,11 +12,25 @@
 //! path's disk writes). All 1,024 pages of a source fit in 512 KiB and are
 //! held in memory, so filtering reads nothing from disk.
 //!
-//! A packet id is reused by the broker only after our PUBACK for it arrived,
-//! and the new message overwrites the mark when it is committed. The one
-//! blind spot: the same topic and payload sent again under the same packet
-//! id, and silt dying between receiving and committing it, would be taken
-//! for a redelivery of the first.
+//! A mark is only meaningful within the broker session it was committed in.
+//! When the broker answers a connect with `session_present = 0` (it
+//! restarted without persistence, or expired or lost the session) it holds
+//! nothing in flight for us and numbers packets from 1 again, so every mark
+//! would only ever match a *new* message that happens to repeat an old one
+//! (a sensor sending `{"door":"open"}` twice). The source then removes all
+//! marks, durably, before it subscribes again ([`Redelivery::forget_all`]).
+//!
+//! What QoS 1 cannot tell apart, and this does not either: within one broker
+//! session, the broker reuses a packet id as soon as our PUBACK for it
+//! arrived; if the new message has the same topic and payload and silt dies
+//! between receiving and committing it, its redelivery looks exactly like a
+//! redelivery of the first and is acked without being stored. mosquitto
+//! numbers packets in sequence, so that takes 65,535 other deliveries in
+//! between; a broker that hands out the lowest free id narrows it to one
+//! crash window per repeated payload. The same holds for a crash in the
+//! milliseconds between a new session's CONNACK and the commit removing the
+//! old marks. Closing it needs the PUBCOMP of QoS 2 held until the mark is
+//! gone, which the MQTT client does not offer.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -118,6 +132,18 @@ impl Redelivery {
         self.pages
             .entry(page)
             .or_insert_with(|| Box::new([0; PAGE_LEN]))
+    }
+
+    /// Removes every mark and returns what commits that. For a broker
+    /// session that is new: no mark of an earlier one can be live.
+    pub fn forget_all(&mut self) -> Vec<Mark> {
+        let mut marks = std::mem::take(&mut self.legacy);
+        marks.extend(self.pages.drain().map(|(page, _)| Mark {
+            tree: self.tree.clone(),
+            key: page.to_be_bytes().to_vec(),
+            value: Vec::new(),
+        }));
+        marks
     }
 
     /// Splits `group` into events to store and redeliveries to only ack.
@@ -222,6 +248,30 @@ mod tests {
         let mut r = restart(&HashMap::new());
         let out = r.filter(&[publish(3, false, "x"), publish(3, true, "x")], 1);
         assert_eq!((out.events.len(), out.redelivered), (1, 1));
+    }
+
+    #[test]
+    fn a_repeated_message_of_a_new_broker_session_is_stored() {
+        let mut r = restart(&HashMap::new());
+        let first = r.filter(&[publish(1, false, "same"), publish(70, false, "x")], 1);
+        let mut stored = committed(&HashMap::new(), &first);
+        let mut r = restart(&stored);
+        let forgotten = Filtered {
+            marks: r.forget_all(),
+            ..Filtered::default()
+        };
+        assert_eq!(forgotten.marks.len(), 2, "one removal per stored page");
+        stored = committed(&stored, &forgotten);
+        assert!(stored.is_empty());
+        // The new session numbers from 1 again; silt died before committing
+        // its first message, which comes back with DUP set.
+        let out = restart(&stored).filter(&[publish(1, true, "same")], 2);
+        assert_eq!((out.events.len(), out.redelivered), (1, 0));
+        assert_eq!(
+            restart(&stored).forget_all().len(),
+            0,
+            "nothing left to remove"
+        );
     }
 
     #[test]
