@@ -41,6 +41,10 @@ pub enum ReceiveError {
     TooLarge { max: u64 },
     #[error("reading the upload failed after {received} bytes: {message}; nothing was stored")]
     Body { received: u64, message: String },
+    #[error(
+        "the upload was cut after {received} bytes: more would leave less than spool.min_free on the disk of data_dir; nothing was stored, retry once the spool has drained"
+    )]
+    DiskShort { received: u64 },
     #[error("writing the upload to {path} failed: {source}; check free space under data_dir")]
     Disk { path: PathBuf, source: io::Error },
 }
@@ -102,14 +106,22 @@ impl MediaDir {
     }
 
     /// Streams `body` into a new file under `incoming/`, hashing it, and
-    /// fsyncs it. On any error the partial file is removed.
-    pub async fn receive<S, E>(&self, body: S, max: u64) -> Result<Received, ReceiveError>
+    /// fsyncs it. `room(n)` says whether `n` more bytes may be written
+    /// without crossing the free-disk floor; it is asked before every
+    /// [`ROOM_STEP`] bytes, so an upload of unknown length stops at the
+    /// floor, not past it. On any error the partial file is removed.
+    pub async fn receive<S, E>(
+        &self,
+        body: S,
+        max: u64,
+        room: impl Fn(u64) -> bool,
+    ) -> Result<Received, ReceiveError>
     where
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
         let path = self.root.join("incoming").join(unique_name());
-        let result = write_stream(&path, body, max).await;
+        let result = write_stream(&path, body, max, room).await;
         if result.is_err() {
             let _ = tokio::fs::remove_file(&path).await;
         }
@@ -189,7 +201,15 @@ impl MediaDir {
     }
 }
 
-async fn write_stream<S, E>(path: &Path, mut body: S, max: u64) -> Result<Received, ReceiveError>
+/// How many bytes of an upload are written between two free-space checks.
+pub const ROOM_STEP: u64 = 1024 * 1024;
+
+async fn write_stream<S, E>(
+    path: &Path,
+    mut body: S,
+    max: u64,
+    room: impl Fn(u64) -> bool,
+) -> Result<Received, ReceiveError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
@@ -201,15 +221,23 @@ where
     let mut file = tokio::fs::File::create(path).await.map_err(disk)?;
     let mut hasher = sha2::Sha256::new();
     let mut size = 0u64;
+    let mut allowed = 0u64;
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| ReceiveError::Body {
             received: size,
             message: e.to_string(),
         })?;
-        size += chunk.len() as u64;
-        if size > max {
+        if size + chunk.len() as u64 > max {
             return Err(ReceiveError::TooLarge { max });
         }
+        if size + chunk.len() as u64 > allowed {
+            let step = ROOM_STEP.max(chunk.len() as u64);
+            if !room(step) {
+                return Err(ReceiveError::DiskShort { received: size });
+            }
+            allowed = size + step;
+        }
+        size += chunk.len() as u64;
         hasher.update(&chunk);
         file.write_all(&chunk).await.map_err(disk)?;
     }
@@ -266,7 +294,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let media = MediaDir::open(dir.path()).unwrap();
         let got = media
-            .receive(chunks(vec![Ok(b"hello "), Ok(b"world")]), 100)
+            .receive(chunks(vec![Ok(b"hello "), Ok(b"world")]), 100, |_| true)
             .await
             .unwrap();
         assert_eq!(got.size, 11);
@@ -294,7 +322,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let media = MediaDir::open(dir.path()).unwrap();
         let got = media
-            .receive(chunks(vec![Ok(b"frame")]), 100)
+            .receive(chunks(vec![Ok(b"frame")]), 100, |_| true)
             .await
             .unwrap();
         let names = media.commit(&got, &["cam", "cam-hd"]).unwrap();
@@ -316,11 +344,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_upload_stops_at_the_free_space_floor() {
+        let dir = tempfile::tempdir().unwrap();
+        let media = MediaDir::open(dir.path()).unwrap();
+        let step = ROOM_STEP as usize;
+        let body = futures::stream::iter(
+            [vec![1u8; step], vec![2u8; step]].map(|c| Ok::<_, &str>(Bytes::from(c))),
+        );
+        let asked = std::cell::Cell::new(0);
+        let room = |more: u64| {
+            assert_eq!(more, ROOM_STEP);
+            asked.set(asked.get() + 1);
+            asked.get() == 1
+        };
+        let err = media.receive(body, u64::MAX, room).await.unwrap_err();
+        assert!(
+            matches!(err, ReceiveError::DiskShort { received } if received == ROOM_STEP),
+            "{err}"
+        );
+        assert!(err.is_retryable());
+        let left = std::fs::read_dir(dir.path().join("media/incoming"))
+            .unwrap()
+            .count();
+        assert_eq!(left, 0, "a refused upload leaves no file");
+    }
+
+    #[tokio::test]
     async fn broken_or_oversized_uploads_leave_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let media = MediaDir::open(dir.path()).unwrap();
         let err = media
-            .receive(chunks(vec![Ok(b"part"), Err("connection reset")]), 100)
+            .receive(
+                chunks(vec![Ok(b"part"), Err("connection reset")]),
+                100,
+                |_| true,
+            )
             .await
             .unwrap_err();
         assert!(
@@ -328,7 +386,7 @@ mod tests {
             "{err}"
         );
         let err = media
-            .receive(chunks(vec![Ok(b"0123456789")]), 5)
+            .receive(chunks(vec![Ok(b"0123456789")]), 5, |_| true)
             .await
             .unwrap_err();
         assert!(matches!(err, ReceiveError::TooLarge { .. }));

@@ -73,6 +73,7 @@ pub struct Metrics {
     dead_lettered: Counters,
     plugin_duration: Family<Labels, Histogram>,
     mqtt_connected: Gauges,
+    http_refused: Counters,
     spool_lost: Counters,
     /// Per sink, the receive time of the oldest record of the batch being
     /// uploaded: sealed records no longer show in the spool's unsealed stats.
@@ -191,13 +192,25 @@ impl Metrics {
             mqtt_connected.clone(),
         );
 
+        let http_refused = Counters::default();
+        registry.register(
+            "silt_http_connections_refused",
+            "Connections an HTTP source closed at once with 503 because max_connections were open",
+            http_refused.clone(),
+        );
+
         // Every series exists from the start (at 0), so a rate() has a base.
         let mut mqtt_sources = Vec::new();
         for (name, source) in &config.sources {
             events_in.get_or_create(&label("source", name)).inc_by(0);
-            if let SourceConfig::Mqtt(_) = source {
-                mqtt_connected.get_or_create(&label("source", name)).set(0);
-                mqtt_sources.push(name.clone());
+            match source {
+                SourceConfig::Mqtt(_) => {
+                    mqtt_connected.get_or_create(&label("source", name)).set(0);
+                    mqtt_sources.push(name.clone());
+                }
+                SourceConfig::Http(_) => {
+                    http_refused.get_or_create(&label("source", name)).inc_by(0);
+                }
             }
         }
         let sinks: Vec<String> = config.sinks.keys().cloned().collect();
@@ -247,6 +260,7 @@ impl Metrics {
             dead_lettered,
             plugin_duration,
             mqtt_connected,
+            http_refused,
             spool_lost,
             uploading_since_ms: Mutex::new(HashMap::new()),
         }
@@ -320,6 +334,12 @@ impl Metrics {
         self.dead_lettered
             .get_or_create(&label("transform", transform))
             .inc_by(events);
+    }
+
+    pub fn http_connection_refused(&self, source: &str) {
+        self.http_refused
+            .get_or_create(&label("source", source))
+            .inc();
     }
 
     pub fn mqtt_connected(&self, source: &str, connected: bool) {

@@ -210,6 +210,10 @@ impl Ingest {
         self.spool.refuses_appends()
     }
 
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// Whether `need` more bytes on disk would dip under `spool.min_free`.
     pub fn disk_short(&self, need: u64) -> bool {
         self.spool.disk_short(need)

@@ -19,6 +19,7 @@ pub mod mqtt;
 pub mod payload;
 pub mod procs;
 pub mod python;
+pub mod tmpfs;
 
 use std::future::Future;
 use std::net::{Ipv4Addr, TcpListener, TcpStream};

@@ -249,6 +249,40 @@ pub struct HttpSourceConfig {
     /// Most bytes of keys and replies kept; the oldest go first.
     #[serde(default = "default_idempotency_max_bytes")]
     pub idempotency_max_bytes: ByteSize,
+    /// Time a client has to send a request's head, counted from when the
+    /// connection is ready for one: on accept, and after each reply (so it
+    /// is also how long an idle keep-alive connection stays open).
+    #[serde(default = "default_header_timeout", with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// A request whose body sends no byte for this long is cut (408) and
+    /// nothing of it is stored.
+    #[serde(default = "default_body_idle_timeout", with = "humantime_serde")]
+    pub body_idle_timeout: Duration,
+    /// Slowest body accepted on average: after `body_idle_timeout`, a body
+    /// must have sent this many bytes per second since it started, so a
+    /// trickle of a byte now and then cannot hold a connection forever.
+    #[serde(default = "default_min_body_rate")]
+    pub min_body_rate: ByteSize,
+    /// Connections open at once; beyond it a client gets 503 and the
+    /// connection is closed at once (`silt_http_connections_refused`).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_body_idle_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_min_body_rate() -> ByteSize {
+    ByteSize::kib(1)
+}
+
+fn default_max_connections() -> usize {
+    512
 }
 
 fn default_idempotency_window() -> std::time::Duration {

@@ -256,6 +256,23 @@ fn validate_source(source: &SourceConfig) -> Result<(), (&'static str, String)> 
                     "must be at least 4KiB, e.g. \"4MiB\"".into(),
                 ));
             }
+            for (key, timeout) in [
+                ("header_timeout", http.header_timeout),
+                ("body_idle_timeout", http.body_idle_timeout),
+            ] {
+                if timeout.is_zero() {
+                    return Err((key, "must be greater than 0, e.g. \"10s\"".into()));
+                }
+            }
+            if http.min_body_rate.as_u64() == 0 {
+                return Err((
+                    "min_body_rate",
+                    "must be above 0 (bytes per second), e.g. \"1KiB\"".into(),
+                ));
+            }
+            if http.max_connections == 0 {
+                return Err(("max_connections", "must be at least 1".into()));
+            }
             Ok(())
         }
     }

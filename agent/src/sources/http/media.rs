@@ -5,7 +5,6 @@
 //! A client that disconnects midway gets nothing stored: the partial file
 //! is removed and no reference is committed.
 
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Method, Request, StatusCode};
@@ -75,9 +74,10 @@ impl Handler {
         let query = req.uri().query().unwrap_or("").to_string();
         attributes.retain(|(k, _)| !k.starts_with(RESERVED_ATTRIBUTE_PREFIX));
 
-        let body = Box::pin(req.into_body().into_data_stream());
+        let body = self.limits.pace(req.into_body()).into_stream();
         let dir = self.ingest.media_dir();
-        let received = match dir.receive(body, self.max_media).await {
+        let floor = |more: u64| !self.ingest.disk_short(more);
+        let received = match dir.receive(body, self.max_media, floor).await {
             Ok(received) => received,
             Err(e) => return self.media_error(&e),
         };
@@ -175,6 +175,10 @@ impl Handler {
             ReceiveError::Body { .. } => {
                 tracing::info!(source = %self.name, error = %e, "media upload broke off; nothing stored");
                 StatusCode::BAD_REQUEST
+            }
+            ReceiveError::DiskShort { .. } => {
+                tracing::warn!(source = %self.name, error = %e, "media upload refused midway");
+                StatusCode::INSUFFICIENT_STORAGE
             }
             ReceiveError::Disk { .. } => {
                 tracing::error!(source = %self.name, error = %e, "media upload not stored");

@@ -3,6 +3,7 @@
 //! (see [`media`]) answers 201 once the upload is on disk and referenced.
 
 mod idempotency;
+mod limits;
 mod media;
 
 use std::convert::Infallible;
@@ -10,12 +11,14 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use hyper::header::{
+    AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
+};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::value::RawValue;
 use tokio::net::TcpListener;
@@ -25,6 +28,7 @@ use crate::config::HttpSourceConfig;
 use crate::event::{Event, now_ms};
 use crate::transform::Ingest;
 use idempotency::{Begin, Idempotency};
+use limits::{BodyError, Limits};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -48,6 +52,7 @@ struct Handler {
     auth_token: Option<String>,
     max_body: u64,
     max_media: u64,
+    limits: Limits,
     idempotency: Idempotency,
     ingest: Ingest,
 }
@@ -92,6 +97,7 @@ impl HttpSource {
             auth_token: config.auth_token.clone().filter(|t| !t.is_empty()),
             max_body: config.max_body.as_u64(),
             max_media: config.max_media.as_u64(),
+            limits: Limits::new(config),
             ingest,
         };
         Ok(HttpSource {
@@ -112,6 +118,12 @@ impl HttpSource {
         tracing::info!(source = %self.handler.name, addr = ?addr, "http listening");
         let graceful = GracefulShutdown::new();
         let mut connections = tokio::task::JoinSet::new();
+        let limits = &self.handler.limits;
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .max_buf_size(limits.read_buffer);
         loop {
             let (stream, _) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
@@ -125,14 +137,24 @@ impl HttpSource {
                 Some(_) = connections.join_next(), if !connections.is_empty() => continue,
                 _ = shutdown.cancelled() => break,
             };
+            let Some(slot) = limits.admit() else {
+                self.handler
+                    .ingest
+                    .metrics()
+                    .http_connection_refused(&self.handler.name);
+                Limits::refuse(stream);
+                continue;
+            };
             let handler = self.handler.clone();
             let service = service_fn(move |req| {
                 let handler = handler.clone();
                 async move { Ok::<_, Infallible>(handler.handle(req).await) }
             });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service);
-            connections.spawn(graceful.watch(conn));
+            let conn = graceful.watch(http1.serve_connection(TokioIo::new(stream), service));
+            connections.spawn(async move {
+                let _slot = slot;
+                conn.await
+            });
         }
         drop(self.listener);
         if tokio::time::timeout(DRAIN_GRACE, graceful.shutdown())
@@ -252,23 +274,14 @@ impl Handler {
                     .to_ascii_lowercase()
             })
             .unwrap_or_default();
-        let body = match Limited::new(req.into_body(), self.max_body as usize)
-            .collect()
+        let body = match self
+            .limits
+            .pace(req.into_body())
+            .collect(self.max_body)
             .await
         {
-            Ok(collected) => collected.to_bytes(),
-            Err(e)
-                if e.downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some() =>
-            {
-                return self.too_large();
-            }
-            Err(e) => {
-                return error_reply(
-                    StatusCode::BAD_REQUEST,
-                    format!("reading the body failed: {e}"),
-                );
-            }
+            Ok(body) => body,
+            Err(e) => return self.body_error(&e),
         };
         let pending = match key {
             Some(key) => {
@@ -377,6 +390,20 @@ impl Handler {
             return Some(resp);
         }
         None
+    }
+
+    fn body_error(&self, e: &BodyError) -> Reply {
+        match e {
+            BodyError::TooLarge { .. } => self.too_large(),
+            BodyError::TooSlow { .. } => {
+                tracing::info!(source = %self.name, error = %e, "http body too slow; request cut");
+                let mut resp = error_reply(StatusCode::REQUEST_TIMEOUT, e.to_string());
+                resp.headers_mut()
+                    .insert(CONNECTION, "close".parse().expect("static header"));
+                resp
+            }
+            BodyError::Broken { .. } => error_reply(StatusCode::BAD_REQUEST, e.to_string()),
+        }
     }
 
     fn too_large(&self) -> Reply {
