@@ -8,6 +8,7 @@
 pub mod api;
 pub mod batch;
 pub mod config;
+pub mod dead_letter;
 pub mod event;
 pub mod media;
 pub mod metrics;
@@ -290,6 +291,7 @@ impl Parts {
                     .filter_map(|s| spool.sink_id(s))
                     .collect(),
                 metrics: metrics.clone(),
+                dead_letters: dead_letter::BatchDeadLetters::new(&config.agent.dead_letter_dir()),
             };
             let batcher = Batcher::new(name, store, sink, context)
                 .map_err(|e| anyhow::anyhow!("sink {name}: {e}"))?;

@@ -49,6 +49,11 @@ enum Command {
         #[command(subcommand)]
         command: SpoolCommand,
     },
+    /// List, show and replay batches a sink's store refused for good.
+    DeadLetter {
+        #[command(subcommand)]
+        command: DeadLetterCommand,
+    },
     /// Work with WebAssembly transform plugins.
     Plugin {
         #[command(subcommand)]
@@ -79,6 +84,63 @@ enum SpoolCommand {
         /// Only this sink's records.
         #[arg(long)]
         sink: Option<String>,
+    },
+}
+
+/// Where the dead-letter area is: `<data_dir>/dead-letter`, or the
+/// `agent.dead_letter` directory when the config sets one.
+#[derive(clap::Args)]
+struct DeadLetterDir {
+    /// The agent's data_dir.
+    #[arg(short, long, required_unless_present = "dead_letter_dir")]
+    data_dir: Option<PathBuf>,
+    /// The agent's `dead_letter` directory, when set in its config.
+    #[arg(long)]
+    dead_letter_dir: Option<PathBuf>,
+}
+
+impl DeadLetterDir {
+    fn path(&self) -> PathBuf {
+        match (&self.dead_letter_dir, &self.data_dir) {
+            (Some(dir), _) => dir.clone(),
+            (None, Some(data)) => data.join("dead-letter"),
+            (None, None) => unreachable!("clap requires one of them"),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum DeadLetterCommand {
+    /// One line per dead-lettered batch: id, sink, records, reason, state, key.
+    List {
+        #[command(flatten)]
+        dir: DeadLetterDir,
+        #[arg(long)]
+        sink: Option<String>,
+    },
+    /// A batch's record (JSON), or with --body its stored object.
+    Show {
+        #[command(flatten)]
+        dir: DeadLetterDir,
+        id: String,
+        #[arg(long)]
+        sink: Option<String>,
+        #[arg(long)]
+        body: bool,
+    },
+    /// Write batches again under their own keys, once the cause is fixed;
+    /// a running agent does it within 5 s, a stopped one when it starts.
+    Replay {
+        #[command(flatten)]
+        dir: DeadLetterDir,
+        #[arg(long)]
+        sink: Option<String>,
+        /// One batch; or --all.
+        #[arg(long)]
+        id: Option<String>,
+        /// Every replayable batch (of --sink when given).
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -124,6 +186,7 @@ fn main() -> ExitCode {
         Command::Run { config } => run(config),
         Command::Check { config, print } => check(config, print),
         Command::Spool { command } => spool(command),
+        Command::DeadLetter { command } => dead_letter(command),
         Command::Plugin {
             command:
                 PluginCommand::Test {
@@ -195,6 +258,31 @@ fn spool(command: SpoolCommand) -> anyhow::Result<()> {
         SpoolCommand::Export { data_dir, sink } => {
             let n = inspect::export(&data_dir, sink.as_deref(), &mut out)?;
             eprintln!("exported {n} records");
+        }
+    }
+    Ok(())
+}
+
+fn dead_letter(command: DeadLetterCommand) -> anyhow::Result<()> {
+    use silt::dead_letter::cli;
+    let mut out = std::io::stdout().lock();
+    match command {
+        DeadLetterCommand::List { dir, sink } => {
+            let n = cli::list(&dir.path(), sink.as_deref(), &mut out)?;
+            eprintln!("{n} dead-lettered batches");
+        }
+        DeadLetterCommand::Show {
+            dir,
+            id,
+            sink,
+            body,
+        } => cli::show(&dir.path(), sink.as_deref(), &id, body, &mut out)?,
+        DeadLetterCommand::Replay { dir, sink, id, all } => {
+            let n = cli::replay(&dir.path(), sink.as_deref(), id.as_deref(), all)?;
+            eprintln!(
+                "asked for {n} batches to be written again: a running agent does it within {:?}, a stopped one when it starts; `silt dead-letter list` shows what is left",
+                silt::batch::REPLAY_SCAN_EVERY
+            );
         }
     }
     Ok(())

@@ -74,6 +74,9 @@ pub struct Metrics {
     plugin_duration: Family<Labels, Histogram>,
     mqtt_connected: Gauges,
     http_refused: Counters,
+    batches_dead_lettered: Counters,
+    /// Sinks whose store refuses writes for a reason a person must fix.
+    blocked_sinks: Mutex<HashMap<String, String>>,
     spool_lost: Counters,
     /// Per sink, the receive time of the oldest record of the batch being
     /// uploaded: sealed records no longer show in the spool's unsealed stats.
@@ -199,6 +202,13 @@ impl Metrics {
             http_refused.clone(),
         );
 
+        let batches_dead_lettered = Counters::default();
+        registry.register(
+            "silt_batches_dead_lettered",
+            "Sealed batches the store refused for good, moved to the dead-letter area, by S3 error code",
+            batches_dead_lettered.clone(),
+        );
+
         // Every series exists from the start (at 0), so a rate() has a base.
         let mut mqtt_sources = Vec::new();
         for (name, source) in &config.sources {
@@ -261,6 +271,8 @@ impl Metrics {
             plugin_duration,
             mqtt_connected,
             http_refused,
+            batches_dead_lettered,
+            blocked_sinks: Mutex::new(HashMap::new()),
             spool_lost,
             uploading_since_ms: Mutex::new(HashMap::new()),
         }
@@ -336,6 +348,25 @@ impl Metrics {
             .inc_by(events);
     }
 
+    pub fn batch_dead_lettered(&self, sink: &str, reason: &str) {
+        self.batches_dead_lettered
+            .get_or_create(&vec![
+                ("sink", sink.to_string()),
+                ("reason", reason.to_string()),
+            ])
+            .inc();
+    }
+
+    /// Marks `sink` as refused by its store for `reason` (None: writes go
+    /// through again); readiness fails while a sink is marked.
+    pub fn sink_blocked(&self, sink: &str, reason: Option<&str>) {
+        let mut blocked = self.blocked_sinks.lock().expect("lock");
+        match reason {
+            Some(r) => blocked.insert(sink.to_string(), r.to_string()),
+            None => blocked.remove(sink),
+        };
+    }
+
     pub fn http_connection_refused(&self, source: &str) {
         self.http_refused
             .get_or_create(&label("source", source))
@@ -379,6 +410,11 @@ impl Metrics {
             {
                 reasons.push(format!("mqtt source `{source}` is not connected"));
             }
+        }
+        for (sink, reason) in self.blocked_sinks.lock().expect("lock").iter() {
+            reasons.push(format!(
+                "sink `{sink}`: the store refuses writes ({reason}); check its credentials, permissions, bucket and options"
+            ));
         }
         for sink in &self.sinks {
             let Some(id) = spool.sink_id(sink) else {

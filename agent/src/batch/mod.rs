@@ -6,6 +6,7 @@
 //! and new records wait unsealed in the spool, so `drop_oldest` can still
 //! make room among them.
 
+mod dead_letter;
 mod encode;
 mod key;
 mod media;
@@ -20,11 +21,13 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BatchConfig, Format, SinkConfig};
+use crate::dead_letter::BatchDeadLetters;
 use crate::event::{Event, now_ms};
 use crate::media::MediaDir;
 use crate::metrics::Metrics;
-use crate::sinks::{Sink, SinkError, Written};
+use crate::sinks::{ErrorClass, Sink, SinkError, Written, shorten};
 use crate::spool::{BatchMeta, SealRule, SinkId, SinkSpec, Spool, SpoolError};
+pub use dead_letter::REPLAY_SCAN_EVERY;
 pub use encode::{encode_ndjson, rfc3339_ms};
 pub use key::{KeyTemplate, MAX_KEY_LEN, MAX_VALUE_LEN, TOO_LONG};
 pub use object::CONTENT_TYPE_ATTRIBUTE;
@@ -43,11 +46,15 @@ pub struct Batcher {
     retry_max: Duration,
     deadline: UploadDeadline,
     metrics: Arc<Metrics>,
+    dead_letters: BatchDeadLetters,
     progress: std::sync::Mutex<progress::BacklogProgress>,
 }
 
 /// The longest wait before retrying a step the spool refused.
 const SPOOL_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// How often a store refusing a sink's writes for good is logged.
+const OPERATOR_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// How often a raw sink looks for media files nothing refers to any more.
 const MEDIA_SWEEP_EVERY: Duration = Duration::from_secs(15 * 60);
@@ -85,6 +92,7 @@ pub struct BatcherContext {
     /// Sinks that take this sink's media index lines.
     pub sidecar_sinks: Vec<SinkId>,
     pub metrics: Arc<Metrics>,
+    pub dead_letters: BatchDeadLetters,
 }
 
 impl Batcher {
@@ -118,6 +126,7 @@ impl Batcher {
                 bytes_per_sec: config.min_upload_rate.as_u64(),
             },
             metrics: context.metrics,
+            dead_letters: context.dead_letters,
             progress: Default::default(),
         })
     }
@@ -126,8 +135,13 @@ impl Batcher {
     /// is uploaded, or until `stop` is cancelled (leaving the rest spooled).
     pub async fn run(self, drain: CancellationToken, stop: CancellationToken) {
         let mut last_sweep: Option<std::time::Instant> = None;
+        let mut last_replay_scan: Option<std::time::Instant> = None;
         let mut failures = 0;
         loop {
+            if last_replay_scan.is_none_or(|t| t.elapsed() >= REPLAY_SCAN_EVERY) {
+                last_replay_scan = Some(std::time::Instant::now());
+                self.replay_dead_letters(&stop).await;
+            }
             if self.encoding.format == Format::Raw
                 && last_sweep.is_none_or(|t| t.elapsed() >= MEDIA_SWEEP_EVERY)
             {
@@ -265,16 +279,14 @@ impl Batcher {
         };
         let object = match built {
             Ok(object) => object,
-            Err(reason) => {
-                tracing::error!(sink = %self.name, key = %meta.key, reason, "batch cannot be uploaded; removing it from the spool");
-                self.spool.complete(self.sink, meta.clone()).await?;
-                return Ok(true);
-            }
+            Err(error) => return self.keep_unencodable(meta, events, &error, stop).await,
         };
         self.metrics
             .uploading(&self.name, events.iter().map(|e| e.ts_ms).min());
         let mut key = meta.key.clone();
         let (mut attempt, mut conflicts) = (0, 0);
+        let first_attempt_ms = now_ms();
+        let mut operator_logged: Option<std::time::Instant> = None;
         let deadline = self.deadline.of(object.size());
         let size = loop {
             let result = tokio::select! {
@@ -291,6 +303,7 @@ impl Batcher {
             }
             match result {
                 Ok((written, size)) => {
+                    self.metrics.sink_blocked(&self.name, None);
                     if attempt > 0 {
                         tracing::info!(sink = %self.name, attempts = attempt + 1, "sink reachable again");
                     }
@@ -324,13 +337,41 @@ impl Batcher {
                 }
                 Err(e) => {
                     let delay = backoff(attempt, self.retry_max);
-                    let held = self.spool.stats(self.sink);
-                    tracing::warn!(
-                        sink = %self.name, key = %key, error = %e, retryable = e.is_retryable(),
-                        retry_in = ?delay, held_records = held.unsealed_records + meta.records,
-                        "sink unreachable; data is held in the spool"
-                    );
                     attempt += 1;
+                    let held = self.spool.stats(self.sink);
+                    let held = held.unsealed_records + meta.records;
+                    match (e.class(), &object) {
+                        (ErrorClass::Permanent(reason), Object::Bytes { body, info }) => {
+                            let failed = dead_letter::Failed {
+                                key: &key,
+                                reason,
+                                error: e.to_string(),
+                                first_attempt_ms,
+                                attempts: attempt,
+                            };
+                            if self.dead_letter(meta, body, info, failed).await? {
+                                return Ok(true);
+                            }
+                        }
+                        // Raw objects are not dead-lettered (their file may
+                        // be gigabytes): they wait, and readiness says why.
+                        (ErrorClass::Permanent(reason) | ErrorClass::Operator(reason), _) => {
+                            self.metrics.sink_blocked(&self.name, Some(&reason));
+                            if operator_logged.is_none_or(|t| t.elapsed() >= OPERATOR_LOG_EVERY) {
+                                operator_logged = Some(std::time::Instant::now());
+                                tracing::error!(
+                                    sink = %self.name, key = %shorten(&key, 200), reason, error = %e,
+                                    held_records = held,
+                                    "the store refuses this sink's writes; check its credentials, permissions, bucket and options (retried with backoff, logged once a minute)"
+                                );
+                            }
+                        }
+                        (ErrorClass::Transient, _) => tracing::warn!(
+                            sink = %self.name, key = %shorten(&key, 200), error = %e,
+                            retry_in = ?delay, held_records = held,
+                            "sink unreachable; data is held in the spool"
+                        ),
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = stop.cancelled() => return Ok(false),

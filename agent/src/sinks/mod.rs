@@ -1,6 +1,7 @@
 //! Where sealed batches go: one `ObjectStore` per sink, and the one way
 //! silt writes an object.
 
+mod class;
 mod file;
 mod multipart;
 mod s3;
@@ -14,6 +15,7 @@ use object_store::{
 };
 
 use crate::config::{SinkConfig, SinkKind};
+pub use class::{ErrorClass, shorten};
 pub use multipart::{Checkpoint, UploadState};
 
 #[derive(Debug, thiserror::Error)]
@@ -41,23 +43,6 @@ pub enum SinkError {
         key: String,
         after: std::time::Duration,
     },
-}
-
-impl SinkError {
-    /// Whether the same write may succeed later (the store is down, slow,
-    /// refusing for now). Setup and conflicts need a person.
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            SinkError::Write { source, .. } => !matches!(
-                source,
-                object_store::Error::NotImplemented { .. }
-                    | object_store::Error::NotSupported { .. }
-                    | object_store::Error::InvalidPath { .. }
-            ),
-            SinkError::Checkpoint { .. } | SinkError::Timeout { .. } => true,
-            SinkError::Setup { .. } | SinkError::Conflict { .. } | SinkError::Media { .. } => false,
-        }
-    }
 }
 
 /// One configured destination for objects.

@@ -1,0 +1,198 @@
+//! `silt dead-letter list|show|replay`: what went to the batch dead-letter
+//! area and why, and a way back. A replay only leaves a request beside the
+//! entry; the sink's batcher of a running agent picks it up within
+//! [`crate::batch::REPLAY_SCAN_EVERY`], a stopped agent on its next start.
+
+use std::io::{self, Write};
+use std::path::Path;
+
+use super::{BatchDeadLetters, Listed};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLetterCliError {
+    #[error("reading the dead-letter area {dir} failed: {source}")]
+    Io { dir: String, source: io::Error },
+    #[error("no dead-lettered batch {id}{}; `silt dead-letter list` shows the ids", in_sink(.sink))]
+    NotFound { id: String, sink: Option<String> },
+    #[error(
+        "batch {id} of sink {sink} could not be encoded ({reason}); it holds the events as NDJSON (`silt dead-letter show --body {id}`), not an object to write again"
+    )]
+    NotReplayable {
+        id: String,
+        sink: String,
+        reason: String,
+    },
+    #[error("say what to replay: --id ID, or --all")]
+    NothingChosen,
+}
+
+fn in_sink(sink: &Option<String>) -> String {
+    sink.as_ref()
+        .map_or_else(String::new, |s| format!(" in sink {s}"))
+}
+
+fn io_err(dir: &Path) -> impl Fn(io::Error) -> DeadLetterCliError + '_ {
+    move |source| DeadLetterCliError::Io {
+        dir: dir.display().to_string(),
+        source,
+    }
+}
+
+/// One line per entry: id, sink, records, reason, state, key.
+pub fn list(
+    dead_letter_dir: &Path,
+    sink: Option<&str>,
+    out: &mut dyn Write,
+) -> Result<usize, DeadLetterCliError> {
+    let entries = BatchDeadLetters::new(dead_letter_dir)
+        .list(sink)
+        .map_err(io_err(dead_letter_dir))?;
+    let line = |l: &Listed| {
+        let state = match (l.entry.replayable, l.replay_requested) {
+            (false, _) => "kept",
+            (true, true) => "replay-requested",
+            (true, false) => "waiting",
+        };
+        format!(
+            "{}  {}  {} records  {}  {}  {}",
+            l.id, l.entry.sink, l.entry.records, l.entry.reason, state, l.entry.key
+        )
+    };
+    for l in &entries {
+        writeln!(out, "{}", line(l)).map_err(io_err(dead_letter_dir))?;
+    }
+    Ok(entries.len())
+}
+
+/// The entry as JSON, or with `body` its stored bytes.
+pub fn show(
+    dead_letter_dir: &Path,
+    sink: Option<&str>,
+    id: &str,
+    body: bool,
+    out: &mut dyn Write,
+) -> Result<(), DeadLetterCliError> {
+    let area = BatchDeadLetters::new(dead_letter_dir);
+    let found = find(&area, dead_letter_dir, sink, id)?;
+    let written = if body {
+        let bytes = area
+            .body(&found.entry.sink, id)
+            .map_err(io_err(dead_letter_dir))?;
+        out.write_all(&bytes)
+    } else {
+        let json = serde_json::to_string_pretty(&found.entry).expect("serialisable");
+        writeln!(out, "{json}")
+    };
+    written.map_err(io_err(dead_letter_dir))
+}
+
+/// Asks for entry `id`, or every replayable entry of `sink` (all sinks
+/// when None) with `all`, to be written again. Returns how many.
+pub fn replay(
+    dead_letter_dir: &Path,
+    sink: Option<&str>,
+    id: Option<&str>,
+    all: bool,
+) -> Result<usize, DeadLetterCliError> {
+    let area = BatchDeadLetters::new(dead_letter_dir);
+    let chosen = match (id, all) {
+        (Some(id), _) => {
+            let found = find(&area, dead_letter_dir, sink, id)?;
+            if !found.entry.replayable {
+                return Err(DeadLetterCliError::NotReplayable {
+                    id: found.id,
+                    sink: found.entry.sink,
+                    reason: found.entry.reason,
+                });
+            }
+            vec![found]
+        }
+        (None, true) => area
+            .list(sink)
+            .map_err(io_err(dead_letter_dir))?
+            .into_iter()
+            .filter(|l| l.entry.replayable)
+            .collect(),
+        (None, false) => return Err(DeadLetterCliError::NothingChosen),
+    };
+    for l in &chosen {
+        area.request_replay(&l.entry.sink, &l.id)
+            .map_err(io_err(dead_letter_dir))?;
+    }
+    Ok(chosen.len())
+}
+
+fn find(
+    area: &BatchDeadLetters,
+    dir: &Path,
+    sink: Option<&str>,
+    id: &str,
+) -> Result<Listed, DeadLetterCliError> {
+    area.find(sink, id)
+        .map_err(io_err(dir))?
+        .ok_or_else(|| DeadLetterCliError::NotFound {
+            id: id.to_string(),
+            sink: sink.map(str::to_string),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Entry;
+    use super::*;
+
+    #[test]
+    fn list_show_and_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let area = BatchDeadLetters::new(dir.path());
+        let mut entry = Entry {
+            sink: "lake".into(),
+            key: "lake/a.ndjson".into(),
+            reason: "InvalidStorageClass".into(),
+            error: "400".into(),
+            records: 5,
+            bytes: 4,
+            first_attempt_ms: 1,
+            last_attempt_ms: 1,
+            attempts: 1,
+            content_type: "application/x-ndjson".into(),
+            content_encoding: None,
+            metadata: vec![],
+            replayable: true,
+        };
+        let id = area.put(&entry, b"body").unwrap();
+        entry.key = "lake/b.parquet".into();
+        entry.replayable = false;
+        let kept = area.put(&entry, b"{}\n").unwrap();
+
+        let mut out = Vec::new();
+        assert_eq!(list(dir.path(), None, &mut out).unwrap(), 2);
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains(&format!(
+                "{id}  lake  5 records  InvalidStorageClass  waiting  lake/a.ndjson"
+            )),
+            "{text}"
+        );
+        assert!(text.contains("kept"), "{text}");
+
+        let mut out = Vec::new();
+        show(dir.path(), None, &id, true, &mut out).unwrap();
+        assert_eq!(out, b"body");
+        assert!(matches!(
+            show(dir.path(), Some("other"), &id, false, &mut Vec::new()),
+            Err(DeadLetterCliError::NotFound { .. })
+        ));
+
+        assert!(matches!(
+            replay(dir.path(), None, Some(&kept), false),
+            Err(DeadLetterCliError::NotReplayable { .. })
+        ));
+        assert!(matches!(
+            replay(dir.path(), None, None, false),
+            Err(DeadLetterCliError::NothingChosen)
+        ));
+        assert_eq!(replay(dir.path(), Some("lake"), None, true).unwrap(), 1);
+        assert_eq!(area.replays("lake").unwrap()[0].id, id);
+    }
+}
