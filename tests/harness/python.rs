@@ -67,8 +67,64 @@ pub struct MotoServer {
     log: PathBuf,
 }
 
+/// Access keys of a moto IAM user.
+#[derive(Debug, Clone)]
+pub struct IamUser {
+    pub access_key: String,
+    pub secret_key: String,
+}
+
+/// Creates the users, attaches one inline policy each, and prints their
+/// keys as JSON; 3 moto actions per user.
+const CREATE_USERS: &str = "
+import sys, json, boto3
+iam = boto3.client('iam', endpoint_url=sys.argv[1], region_name='us-east-1',
+                   aws_access_key_id='k', aws_secret_access_key='s')
+out = []
+for name, policy in json.loads(sys.argv[2]):
+    iam.create_user(UserName=name)
+    iam.put_user_policy(UserName=name, PolicyName=name, PolicyDocument=json.dumps(policy))
+    k = iam.create_access_key(UserName=name)['AccessKey']
+    out.append([k['AccessKeyId'], k['SecretAccessKey']])
+print(json.dumps(out))
+";
+
 impl MotoServer {
     pub fn start(python: &Path, dir: &Path, bucket: &str) -> MotoServer {
+        Self::start_with_env(python, dir, bucket, &[])
+    }
+
+    /// moto enforcing IAM: `users` (name, policy document) are created
+    /// while requests are still free, then every request must be signed by
+    /// one of them and be allowed by its policy. Returns their keys.
+    pub fn start_with_iam(
+        python: &Path,
+        dir: &Path,
+        bucket: &str,
+        users: &[(&str, serde_json::Value)],
+    ) -> (MotoServer, Vec<IamUser>) {
+        // One action creates the bucket, three set up each user.
+        let free = (1 + 3 * users.len()).to_string();
+        let server = Self::start_with_env(
+            python,
+            dir,
+            bucket,
+            &[("INITIAL_NO_AUTH_ACTION_COUNT", &free)],
+        );
+        let spec = serde_json::to_string(users).unwrap();
+        let out = run(python, CREATE_USERS, &[&server.endpoint(), &spec]);
+        let keys: Vec<(String, String)> = serde_json::from_str(out.trim()).unwrap();
+        let users = keys
+            .into_iter()
+            .map(|(access_key, secret_key)| IamUser {
+                access_key,
+                secret_key,
+            })
+            .collect();
+        (server, users)
+    }
+
+    fn start_with_env(python: &Path, dir: &Path, bucket: &str, env: &[(&str, &str)]) -> MotoServer {
         let moto = python.with_file_name("moto_server");
         let port = free_port();
         let log = dir.join("moto.log");
@@ -76,6 +132,7 @@ impl MotoServer {
         let out = fs::File::create(&log).unwrap();
         let mut child = Command::new(&moto)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)

@@ -181,7 +181,15 @@ impl Sink {
                     })
                 }
             }
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            // Without `s3:ListBucket`, S3 answers a HEAD of a missing key
+            // with 403, not 404. Only this sink's own keys (agent id and
+            // batch number in them) are asked, so 403 reads as absent: at
+            // worst an upload whose answer was lost is completed again with
+            // the same bytes. A foreign object under the key would be
+            // replaced; the README says to grant ListBucket to rule it out.
+            Err(
+                object_store::Error::NotFound { .. } | object_store::Error::PermissionDenied { .. },
+            ) => Ok(None),
             Err(source) => Err(SinkError::Write {
                 key: key.to_string(),
                 source,
