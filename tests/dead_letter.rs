@@ -3,7 +3,8 @@
 //! bucket, as S3 does): each batch goes to the dead-letter area, counted
 //! and listed, and the sink keeps taking new events instead of retrying
 //! one batch forever. Once the operator fixes the class, `silt dead-letter
-//! replay` writes every batch under its own key, exactly once.
+//! replay` writes every batch under its own key, exactly once. Files a
+//! failing transform left are listed and replayed through it the same way.
 
 mod harness;
 
@@ -182,6 +183,109 @@ async fn refused_batches_go_to_dead_letter_and_replay_under_their_keys() {
     expected.sort();
     assert_eq!(ids, expected, "every event once");
     println!("replayed: {} objects, {} events", stored.len(), ids.len());
+    let status = agent.sigterm_and_wait(Duration::from_secs(60)).await;
+    assert!(status.success(), "{status}");
+}
+
+/// A transform that fails on every batch (`test-error`): each posted batch
+/// goes to the plugin dead-letter directory and is listed. With the
+/// transform's plugin swapped for `identity` and the agent restarted,
+/// `silt dead-letter replay --transform t --all`, run while it runs, sends
+/// every file through the transform again: its events reach S3 once and
+/// the files are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transforms_dead_letter_files_replay_through_the_fixed_transform() {
+    let (Some(failing), Some(identity)) = (
+        harness::plugin_wasm("test-error"),
+        harness::plugin_wasm("identity"),
+    ) else {
+        return;
+    };
+    let scratch = Scratch::new("dead-letter-plugin");
+    let s3 = harness::S3Server::start(scratch.path(), "telemetry");
+    let port = free_port();
+    let cfg = |wasm: &std::path::Path| {
+        config::agent("gw-dlp")
+            + &config::http_source("api", port, None, "1MiB")
+            + &format!(
+                "[transforms.t]\nplugin = \"{}\"\ninputs = [\"api\"]\n\n",
+                wasm.display()
+            )
+            + &config::s3_sink(
+                "lake",
+                &["t"],
+                &s3,
+                "gzip",
+                &config::batch(100, "8MiB", "1s"),
+            )
+    };
+    let mut agent = Agent::start(&scratch.join("agent"), &cfg(&failing));
+    agent
+        .wait_ready(&[("http listening", 1), ("silt running", 1)], 60)
+        .await;
+    let client = HttpClient::new(port, None);
+    let mut ids = std::collections::HashSet::new();
+    for chunk in 0..2 {
+        let req = IngestReq::array(
+            "readings",
+            (0..3)
+                .map(|i| json_event(&format!("dlp-{chunk}-{i}"), i, 100))
+                .collect(),
+        );
+        ids.extend(req.events.iter().map(|(id, _)| id.clone()));
+        let reply = client.ingest(&req).await.unwrap();
+        assert_eq!(reply.status, 202, "{reply:?}");
+    }
+    let data = agent.data_dir.display().to_string();
+    let transform_lines = || -> Vec<String> {
+        let out = silt_output(&["dead-letter", "list", "-d", &data], &[]);
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("  transform:t  3 events  "))
+            .map(str::to_string)
+            .collect()
+    };
+    let listed = transform_lines();
+    println!("transform dead-letter files: {listed:?}");
+    assert_eq!(listed.len(), 2, "{listed:?}");
+
+    let status = agent.sigterm_and_wait(Duration::from_secs(60)).await;
+    assert!(status.success(), "{status}");
+    std::fs::write(
+        &agent.config,
+        cfg(&identity).replace("{data_dir}", &agent.data_dir.display().to_string()),
+    )
+    .unwrap();
+    agent.spawn();
+    agent
+        .wait_ready(&[("http listening", 1), ("silt running", 1)], 60)
+        .await;
+    let out = silt_output(
+        &[
+            "dead-letter",
+            "replay",
+            "-d",
+            &data,
+            "--transform",
+            "t",
+            "--all",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{out:?}");
+    wait_until(deadline(60), "the files to be replayed", || {
+        transform_lines().is_empty()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_run()));
+    let snap = harness::S3Lake::new(&s3)
+        .wait_for(&ids, deadline(30), std::time::Instant::now())
+        .await
+        .unwrap();
+    let stored: Vec<String> = snap.records.iter().filter_map(|r| r.id()).collect();
+    assert_eq!(stored.len(), ids.len(), "every event once: {stored:?}");
     let status = agent.sigterm_and_wait(Duration::from_secs(60)).await;
     assert!(status.success(), "{status}");
 }

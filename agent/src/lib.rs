@@ -388,13 +388,21 @@ fn notify_systemd_ready() {
     }
 }
 
+/// Calls the plugins' `tick`, and replays the dead-letter files an
+/// operator asked for every [`batch::REPLAY_SCAN_EVERY`].
 async fn tick_plugins(ingest: Ingest, stop: CancellationToken) {
     let mut interval = tokio::time::interval(TICK_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_scan: Option<std::time::Instant> = None;
     loop {
         tokio::select! {
-            _ = interval.tick() => ingest.tick(event::now_ms()).await,
+            _ = interval.tick() => {}
             _ = stop.cancelled() => return,
+        }
+        ingest.tick(event::now_ms()).await;
+        if last_scan.is_none_or(|t| t.elapsed() >= batch::REPLAY_SCAN_EVERY) {
+            last_scan = Some(std::time::Instant::now());
+            ingest.replay_dead_letters().await;
         }
     }
 }

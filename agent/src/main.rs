@@ -111,7 +111,8 @@ impl DeadLetterDir {
 
 #[derive(Subcommand)]
 enum DeadLetterCommand {
-    /// One line per dead-lettered batch: id, sink, records, reason, state, key.
+    /// One line per dead-lettered batch or transform file: id, sink (or
+    /// transform), size, reason, state, key.
     List {
         #[command(flatten)]
         dir: DeadLetterDir,
@@ -128,13 +129,17 @@ enum DeadLetterCommand {
         #[arg(long)]
         body: bool,
     },
-    /// Write batches again under their own keys, once the cause is fixed;
-    /// a running agent does it within 5 s, a stopped one when it starts.
+    /// Write batches again under their own keys (or run a transform's files
+    /// through it again), once the cause is fixed; a running agent does it
+    /// within 5 s, a stopped one when it starts.
     Replay {
         #[command(flatten)]
         dir: DeadLetterDir,
         #[arg(long)]
         sink: Option<String>,
+        /// Files a transform failed on: run them through it again.
+        #[arg(long, conflicts_with = "sink")]
+        transform: Option<String>,
         /// One batch; or --all.
         #[arg(long)]
         id: Option<String>,
@@ -277,8 +282,20 @@ fn dead_letter(command: DeadLetterCommand) -> anyhow::Result<()> {
             sink,
             body,
         } => cli::show(&dir.path(), sink.as_deref(), &id, body, &mut out)?,
-        DeadLetterCommand::Replay { dir, sink, id, all } => {
-            let n = cli::replay(&dir.path(), sink.as_deref(), id.as_deref(), all)?;
+        DeadLetterCommand::Replay {
+            dir,
+            sink,
+            transform,
+            id,
+            all,
+        } => {
+            let chosen = cli::Chosen {
+                sink: sink.as_deref(),
+                transform: transform.as_deref(),
+                id: id.as_deref(),
+                all,
+            };
+            let n = cli::replay(&dir.path(), chosen)?;
             eprintln!(
                 "asked for {n} batches to be written again: a running agent does it within {:?}, a stopped one when it starts; `silt dead-letter list` shows what is left",
                 silt::batch::REPLAY_SCAN_EVERY

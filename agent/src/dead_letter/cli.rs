@@ -1,12 +1,14 @@
-//! `silt dead-letter list|show|replay`: what went to the batch dead-letter
-//! area and why, and a way back. A replay only leaves a request beside the
-//! entry; the sink's batcher of a running agent picks it up within
-//! [`crate::batch::REPLAY_SCAN_EVERY`], a stopped agent on its next start.
+//! `silt dead-letter list|show|replay`: what went to dead-letter and why,
+//! and a way back, for batches a sink's store refused and for batches a
+//! transform failed on (`<dead_letter>/*.ndjson`). A replay only leaves a
+//! request beside the entry; a running agent picks it up within
+//! [`crate::batch::REPLAY_SCAN_EVERY`], a stopped one on its next start.
 
 use std::io::{self, Write};
 use std::path::Path;
 
 use super::{BatchDeadLetters, Listed};
+use crate::plugin::dead_letter as plugin_files;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeadLetterCliError {
@@ -61,7 +63,27 @@ pub fn list(
     for l in &entries {
         writeln!(out, "{}", line(l)).map_err(io_err(dead_letter_dir))?;
     }
-    Ok(entries.len())
+    let files = if sink.is_some() {
+        Vec::new()
+    } else {
+        plugin_files::list(dead_letter_dir).map_err(io_err(dead_letter_dir))?
+    };
+    for f in &files {
+        let state = if f.replay_requested {
+            "replay-requested"
+        } else {
+            "waiting"
+        };
+        let reason: Vec<&str> = f.header.reason.split_whitespace().collect();
+        let reason = crate::sinks::shorten(&reason.join(" "), 80);
+        writeln!(
+            out,
+            "{}  transform:{}  {} events  {reason}  {state}  -",
+            f.name, f.header.plugin, f.header.events
+        )
+        .map_err(io_err(dead_letter_dir))?;
+    }
+    Ok(entries.len() + files.len())
 }
 
 /// The entry as JSON, or with `body` its stored bytes.
@@ -72,6 +94,13 @@ pub fn show(
     body: bool,
     out: &mut dyn Write,
 ) -> Result<(), DeadLetterCliError> {
+    if sink.is_none()
+        && let Some(file) = plugin_file(dead_letter_dir, id)?
+    {
+        let path = dead_letter_dir.join(&file.name);
+        let text = std::fs::read(&path).map_err(io_err(dead_letter_dir))?;
+        return out.write_all(&text).map_err(io_err(dead_letter_dir));
+    }
     let area = BatchDeadLetters::new(dead_letter_dir);
     let found = find(&area, dead_letter_dir, sink, id)?;
     let written = if body {
@@ -86,9 +115,57 @@ pub fn show(
     written.map_err(io_err(dead_letter_dir))
 }
 
-/// Asks for entry `id`, or every replayable entry of `sink` (all sinks
-/// when None) with `all`, to be written again. Returns how many.
-pub fn replay(
+/// Which entries a replay is for.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Chosen<'a> {
+    pub sink: Option<&'a str>,
+    pub transform: Option<&'a str>,
+    pub id: Option<&'a str>,
+    pub all: bool,
+}
+
+/// Asks for the chosen entries to be written again (batches) or run through
+/// their transform again (plugin files). Returns how many.
+pub fn replay(dead_letter_dir: &Path, chosen: Chosen<'_>) -> Result<usize, DeadLetterCliError> {
+    if chosen.id.is_none() && !chosen.all {
+        return Err(DeadLetterCliError::NothingChosen);
+    }
+    let mut n = 0;
+    if chosen.sink.is_none() {
+        let files = plugin_files::list(dead_letter_dir).map_err(io_err(dead_letter_dir))?;
+        for f in files {
+            let transform_ok = chosen.transform.is_none_or(|t| t == f.header.plugin);
+            let id_ok = chosen.id.is_none_or(|id| id == f.name);
+            if transform_ok && id_ok {
+                plugin_files::request_replay(dead_letter_dir, &f.name)
+                    .map_err(io_err(dead_letter_dir))?;
+                n += 1;
+            }
+        }
+        if chosen.transform.is_some() || (n > 0 && chosen.id.is_some()) {
+            return match (n, chosen.id) {
+                (0, Some(id)) => Err(DeadLetterCliError::NotFound {
+                    id: id.to_string(),
+                    sink: None,
+                }),
+                _ => Ok(n),
+            };
+        }
+    }
+    Ok(n + replay_batches(dead_letter_dir, chosen.sink, chosen.id, chosen.all)?)
+}
+
+fn plugin_file(
+    dir: &Path,
+    name: &str,
+) -> Result<Option<plugin_files::ListedFile>, DeadLetterCliError> {
+    Ok(plugin_files::list(dir)
+        .map_err(io_err(dir))?
+        .into_iter()
+        .find(|f| f.name == name))
+}
+
+fn replay_batches(
     dead_letter_dir: &Path,
     sink: Option<&str>,
     id: Option<&str>,
@@ -184,15 +261,55 @@ mod tests {
             Err(DeadLetterCliError::NotFound { .. })
         ));
 
+        let one = |id| Chosen {
+            id: Some(id),
+            ..Chosen::default()
+        };
         assert!(matches!(
-            replay(dir.path(), None, Some(&kept), false),
+            replay(dir.path(), one(&kept)),
             Err(DeadLetterCliError::NotReplayable { .. })
         ));
         assert!(matches!(
-            replay(dir.path(), None, None, false),
+            replay(dir.path(), Chosen::default()),
             Err(DeadLetterCliError::NothingChosen)
         ));
-        assert_eq!(replay(dir.path(), Some("lake"), None, true).unwrap(), 1);
+        let all_of_lake = Chosen {
+            sink: Some("lake"),
+            all: true,
+            ..Chosen::default()
+        };
+        assert_eq!(replay(dir.path(), all_of_lake).unwrap(), 1);
         assert_eq!(area.replays("lake").unwrap()[0].id, id);
+
+        // A transform's file is listed, shown and replayed the same way.
+        let plugin_dl = crate::plugin::DeadLetter::new(dir.path()).unwrap();
+        let events = [crate::event::Event::new(1, "t", &b"{}"[..])];
+        let path = plugin_dl
+            .write("clean", "trap:  unreachable", &events)
+            .unwrap();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        let mut out = Vec::new();
+        assert_eq!(list(dir.path(), None, &mut out).unwrap(), 3);
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains(&format!(
+                "{name}  transform:clean  1 events  trap: unreachable  waiting  -"
+            )),
+            "{text}"
+        );
+        let mut out = Vec::new();
+        show(dir.path(), None, &name, false, &mut out).unwrap();
+        assert!(
+            String::from_utf8(out)
+                .unwrap()
+                .starts_with("{\"dead_letter\"")
+        );
+        let of_clean = Chosen {
+            transform: Some("clean"),
+            all: true,
+            ..Chosen::default()
+        };
+        assert_eq!(replay(dir.path(), of_clean).unwrap(), 1);
+        assert!(plugin_files::list(dir.path()).unwrap()[0].replay_requested);
     }
 }

@@ -83,6 +83,105 @@ impl DeadLetter {
     }
 }
 
+/// The header line of a plugin dead-letter file.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Header {
+    pub plugin: String,
+    pub reason: String,
+    pub at_ms: i64,
+    pub events: u64,
+}
+
+#[derive(serde::Deserialize)]
+struct HeaderLine {
+    dead_letter: Header,
+}
+
+/// A file as listed: its name, header, and whether a replay is asked for.
+#[derive(Debug, Clone)]
+pub struct ListedFile {
+    pub name: String,
+    pub header: Header,
+    pub replay_requested: bool,
+}
+
+const SUFFIX: &str = ".ndjson";
+const REPLAY_SUFFIX: &str = ".replay";
+
+/// The complete dead-letter files in `dir`, oldest first.
+pub fn list(dir: &Path) -> io::Result<Vec<ListedFile>> {
+    let mut out = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let name = entry?.file_name().to_string_lossy().to_string();
+        if name.starts_with('.') || !name.ends_with(SUFFIX) {
+            continue;
+        }
+        let header = read_header(&dir.join(&name))?;
+        out.push(ListedFile {
+            replay_requested: dir.join(format!("{name}{REPLAY_SUFFIX}")).exists(),
+            name,
+            header,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+fn read_header(path: &Path) -> io::Result<Header> {
+    use std::io::BufRead;
+    let mut first = String::new();
+    io::BufReader::new(File::open(path)?).read_line(&mut first)?;
+    serde_json::from_str::<HeaderLine>(&first)
+        .map(|h| h.dead_letter)
+        .map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: not a dead-letter file: {e}", path.display()),
+            )
+        })
+}
+
+/// The events of file `name` in `dir`.
+pub fn read_events(dir: &Path, name: &str) -> io::Result<Vec<Event>> {
+    let text = fs::read_to_string(dir.join(name))?;
+    let mut events = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let parsed = ndjson::parse_line(line, 0).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{name} line {}: {e}", n + 1),
+            )
+        })?;
+        events.extend(parsed);
+    }
+    Ok(events)
+}
+
+/// Asks the running (or next) agent to run file `name` through its
+/// transform again.
+pub fn request_replay(dir: &Path, name: &str) -> io::Result<()> {
+    let marker = dir.join(format!("{name}{REPLAY_SUFFIX}"));
+    File::create(&marker)?.sync_all()?;
+    File::open(dir)?.sync_all()
+}
+
+/// Removes file `name` and its replay request once its events are stored
+/// (or in a newer dead-letter file).
+pub fn remove(dir: &Path, name: &str) -> io::Result<()> {
+    for path in [dir.join(name), dir.join(format!("{name}{REPLAY_SUFFIX}"))] {
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    File::open(dir)?.sync_all()
+}
+
 fn file_safe(name: &str) -> String {
     let s: String = name
         .chars()
@@ -101,6 +200,32 @@ fn file_safe(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn list_read_and_replay_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let dl = DeadLetter::new(dir.path()).unwrap();
+        let events = vec![
+            Event::new(5, "a", &br#"{"x":1}"#[..]),
+            Event::new(6, "b", &b"\xff"[..]),
+        ];
+        let path = dl.write("my plugin", "trap", &events).unwrap();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        let listed = list(dir.path()).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].header.plugin, "my plugin");
+        assert_eq!(listed[0].header.events, 2);
+        assert!(!listed[0].replay_requested);
+        let back = read_events(dir.path(), &name).unwrap();
+        assert_eq!(back.len(), 2);
+        assert_eq!(back[1].payload.as_ref(), b"\xff");
+        assert_eq!(back[0].ts_ms, 5);
+        request_replay(dir.path(), &name).unwrap();
+        assert!(list(dir.path()).unwrap()[0].replay_requested);
+        remove(dir.path(), &name).unwrap();
+        assert!(list(dir.path()).unwrap().is_empty());
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
 
     #[test]
     fn writes_header_and_events() {

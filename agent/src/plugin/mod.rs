@@ -37,7 +37,7 @@
 
 pub mod cli;
 mod codec;
-mod dead_letter;
+pub mod dead_letter;
 mod engine;
 mod error;
 mod instance;

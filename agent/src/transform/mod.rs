@@ -8,6 +8,8 @@
 //! (fsynced) and the pipeline goes on. Only if the dead-letter write itself
 //! fails is the ingest refused, so the source keeps the data.
 
+mod replay;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
