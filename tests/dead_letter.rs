@@ -1,7 +1,7 @@
 //! A store that refuses a sink's batches for good (moto answers
 //! `400 InvalidStorageClass` to `storage_class = "OUTPOSTS"` on a normal
-//! bucket, as S3 does): each batch goes to the dead-letter area, counted
-//! and listed, and the sink keeps taking new events instead of retrying
+//! bucket, as S3 does): each batch, and a raw sink's media object, goes to
+//! the dead-letter area, counted and listed, and the sink keeps taking new events instead of retrying
 //! one batch forever. Once the operator fixes the class, `silt dead-letter
 //! replay` writes every batch under its own key, exactly once. Files a
 //! failing transform left are listed and replayed through it the same way.
@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use harness::agent::silt_output;
 use harness::http::{HttpClient, IngestReq};
+use harness::media::{MIB, put_stream, raw_sink};
 use harness::payload::json_event;
 use harness::procs::{S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY};
 use harness::python::{self, BOTO3_PRELUDE, MotoServer};
@@ -28,22 +29,38 @@ client = s3(endpoint, 'k', 's')
 out = {}
 for o in client.list_objects_v2(Bucket=bucket).get('Contents', []):
     h = client.head_object(Bucket=bucket, Key=o['Key'])
-    body = client.get_object(Bucket=bucket, Key=o['Key'])['Body'].read().decode()
-    ids = [json.loads(l)['payload']['id'] for l in body.splitlines() if l]
-    out[o['Key']] = {'class': h.get('StorageClass', 'STANDARD'), 'ids': ids}
+    ids = []
+    if o['Key'].startswith('lake/'):
+        body = client.get_object(Bucket=bucket, Key=o['Key'])['Body'].read().decode()
+        ids = [json.loads(l)['payload']['id'] for l in body.splitlines() if l]
+    out[o['Key']] = {'class': h.get('StorageClass', 'STANDARD'), 'ids': ids, 'size': o['Size']}
 print(json.dumps(out))
 ";
 
+/// The NDJSON sink `lake` and the raw sink `clips`, both with `class`.
 fn lake_sink(moto: &MotoServer, class: &str) -> String {
-    format!(
-        "[sinks.lake]\ntype = \"s3\"\ninputs = [\"api\"]\nbucket = \"{}\"\nendpoint = \"{}\"\n\
+    let clips = raw_sink(
+        "clips",
+        &["api"],
+        &moto.endpoint(),
+        &moto.bucket,
+        "5MiB",
+        &[],
+    )
+    .replace(
+        "retry_max",
+        &format!("storage_class = \"{class}\"\nretry_max"),
+    );
+    clips
+        + &format!(
+            "[sinks.lake]\ntype = \"s3\"\ninputs = [\"api\"]\nbucket = \"{}\"\nendpoint = \"{}\"\n\
          region = \"{S3_REGION}\"\naccess_key_id = \"{S3_ACCESS_KEY}\"\nsecret_access_key = \"{S3_SECRET_KEY}\"\n\
          retry_max = \"1s\"\nstorage_class = \"{class}\"\ncompression = \"none\"\n\
          key = \"lake/{{agent}}-{{batch}}.ndjson\"\n\
          batch = {{ max_records = 5, max_bytes = \"8MiB\", max_age = \"1s\" }}\n\n",
-        moto.bucket,
-        moto.endpoint()
-    )
+            moto.bucket,
+            moto.endpoint()
+        )
 }
 
 /// `silt dead-letter list`: (records, reason, state, key) per entry.
@@ -114,13 +131,40 @@ async fn refused_batches_go_to_dead_letter_and_replay_under_their_keys() {
         .await
         .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", listed(&agent), agent.log_run()));
     }
+    // A 12 MiB media object for `clips`: refused at CreateMultipartUpload.
+    let put = put_stream(
+        port,
+        None,
+        "/v1/media/cam-1/clip.mp4",
+        12 * MIB,
+        3,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(put.status, Some(201), "{put:?}");
+    wait_until(
+        deadline(30),
+        "the media object to go to dead-letter",
+        || listed(&agent).iter().any(|e| e.3.starts_with("clips/")),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", listed(&agent), agent.log_run()));
     let entries = listed(&agent);
     println!("dead-lettered: {entries:?}");
     for (_, reason, state, key) in &entries {
         assert_eq!(reason, "InvalidStorageClass", "{entries:?}");
         assert_eq!(state, "waiting");
-        assert!(key.starts_with("lake/gw-dl-"), "{key}");
+        assert!(
+            key.starts_with("lake/gw-dl-") || key.starts_with("clips/cam-1/"),
+            "{key}"
+        );
     }
+    assert_eq!(entries.len(), EVENTS / 5 + 1, "{entries:?}");
+    assert!(
+        harness::media::media_files(&agent.data_dir).is_empty(),
+        "the media file moved to dead-letter: {:?}",
+        harness::media::media_files(&agent.data_dir)
+    );
     let metrics = reqwest::get(format!("http://127.0.0.1:{api}/metrics"))
         .await
         .unwrap()
@@ -129,7 +173,7 @@ async fn refused_batches_go_to_dead_letter_and_replay_under_their_keys() {
         .unwrap();
     let counted = format!(
         "silt_batches_dead_lettered_total{{sink=\"lake\",reason=\"InvalidStorageClass\"}} {}",
-        entries.len()
+        EVENTS / 5
     );
     assert!(metrics.contains(&counted), "want `{counted}` in\n{metrics}");
     assert!(objects(&py, &moto).is_empty(), "nothing written yet");
@@ -168,6 +212,9 @@ async fn refused_batches_go_to_dead_letter_and_replay_under_their_keys() {
     let mut ids: Vec<String> = Vec::new();
     for (key, o) in &stored {
         assert_eq!(o["class"], "STANDARD_IA", "{key}: {o}");
+        if key.starts_with("clips/") {
+            assert_eq!(o["size"], 12 * MIB, "{key}: {o}");
+        }
         ids.extend(
             o["ids"]
                 .as_array()

@@ -149,6 +149,20 @@ impl MediaDir {
         Ok(names)
     }
 
+    /// Links `file` (a dead-lettered object) into `sink`'s directory as
+    /// `name` for a replay to upload; returns its file name as a
+    /// [`MediaRef`] holds it. A sweep removes it if a crash leaves it.
+    pub fn link_in(&self, sink: &str, name: &str, file: &Path) -> io::Result<String> {
+        let dir = self.sink_dir(sink);
+        crate::spool::create_dir_durably(&dir)?;
+        let target = dir.join(name);
+        if target.exists() {
+            std::fs::remove_file(&target)?;
+        }
+        std::fs::hard_link(file, &target).or_else(|_| std::fs::copy(file, &target).map(drop))?;
+        Ok(format!("{SINK_DIRS}/{sink}/{name}"))
+    }
+
     /// Deletes `sink`'s files that no spool record refers to: left by a
     /// crash between completing a batch and deleting its file, or whose
     /// reference `drop_oldest` removed. A file is linked a moment before

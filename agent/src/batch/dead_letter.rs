@@ -11,6 +11,7 @@ use super::{Batcher, backoff};
 use crate::config::Compression;
 use crate::dead_letter::Entry;
 use crate::event::{Event, now_ms};
+use crate::media::MediaRef;
 use crate::sinks::{ErrorClass, ObjectInfo, SinkError, shorten};
 use crate::spool::{BatchMeta, SpoolError};
 
@@ -56,8 +57,49 @@ impl Batcher {
             content_encoding: info.content_encoding.map(str::to_string),
             metadata: info.metadata.clone(),
             replayable: true,
+            sha256: None,
         };
-        self.store_dead_letter(meta, entry, body.clone()).await
+        self.store_dead_letter(meta, entry, Kept::Body(body.clone()))
+            .await
+    }
+
+    /// [`Self::dead_letter`] for a raw sink's media object: its file is
+    /// linked into dead-letter, then removed from the media directory.
+    pub(super) async fn dead_letter_media(
+        &self,
+        meta: &BatchMeta,
+        media: &MediaRef,
+        info: &ObjectInfo,
+        failed: Failed<'_>,
+    ) -> Result<bool, SpoolError> {
+        let entry = Entry {
+            sink: self.name.clone(),
+            key: failed.key.to_string(),
+            reason: failed.reason,
+            error: shorten(&failed.error, ERROR_TEXT_MAX),
+            records: meta.records,
+            bytes: media.size,
+            first_attempt_ms: failed.first_attempt_ms,
+            last_attempt_ms: now_ms(),
+            attempts: failed.attempts,
+            content_type: info.content_type.clone(),
+            content_encoding: info.content_encoding.map(str::to_string),
+            metadata: info.metadata.clone(),
+            replayable: true,
+            sha256: Some(media.sha256.clone()),
+        };
+        let file = self.media.dir.path(&media.file);
+        if !self
+            .store_dead_letter(meta, entry, Kept::File(file))
+            .await?
+        {
+            return Ok(false);
+        }
+        self.media.dir.remove(&media.file);
+        self.media
+            .forget_upload(&self.spool, &self.name, failed.key)
+            .await?;
+        Ok(true)
     }
 
     /// A batch whose object cannot be built is kept as NDJSON of its
@@ -90,10 +132,11 @@ impl Batcher {
             content_encoding: None,
             metadata: Vec::new(),
             replayable: false,
+            sha256: None,
         };
         let mut attempt = 0;
         while !self
-            .store_dead_letter(meta, entry.clone(), body.clone())
+            .store_dead_letter(meta, entry.clone(), Kept::Body(body.clone()))
             .await?
         {
             attempt += 1;
@@ -112,14 +155,17 @@ impl Batcher {
         &self,
         meta: &BatchMeta,
         entry: Entry,
-        body: Bytes,
+        kept: Kept,
     ) -> Result<bool, SpoolError> {
         let area = self.dead_letters.clone();
         let stored = {
             let entry = entry.clone();
-            tokio::task::spawn_blocking(move || area.put(&entry, &body))
-                .await
-                .expect("dead-letter write does not panic")
+            tokio::task::spawn_blocking(move || match kept {
+                Kept::Body(body) => area.put(&entry, &body),
+                Kept::File(file) => area.put_file(&entry, &file),
+            })
+            .await
+            .expect("dead-letter write does not panic")
         };
         match stored {
             Ok(id) => {
@@ -161,11 +207,15 @@ impl Batcher {
                 return;
             }
             let mut entry = listed.entry;
-            let result = match self.dead_letters.body(&self.name, &listed.id) {
-                Ok(body) => self.rewrite(&entry, Bytes::from(body)).await,
-                Err(e) => {
-                    tracing::error!(sink = %self.name, id = %listed.id, error = %e, "a dead-lettered object cannot be read; left as it is");
-                    continue;
+            let result = if entry.sha256.is_some() {
+                self.rewrite_media(&entry, &listed.id).await
+            } else {
+                match self.dead_letters.body(&self.name, &listed.id) {
+                    Ok(body) => self.rewrite(&entry, Bytes::from(body)).await,
+                    Err(e) => Err(SinkError::Media {
+                        path: self.dead_letters.object_path(&self.name, &listed.id),
+                        source: e,
+                    }),
                 }
             };
             let area = &self.dead_letters;
@@ -208,15 +258,7 @@ impl Batcher {
         entry: &Entry,
         body: Bytes,
     ) -> Result<crate::sinks::Written, SinkError> {
-        let info = ObjectInfo {
-            content_type: entry.content_type.clone(),
-            content_encoding: match entry.content_encoding.as_deref() {
-                Some("gzip") => Some("gzip"),
-                Some("zstd") => Some("zstd"),
-                _ => None,
-            },
-            metadata: entry.metadata.clone(),
-        };
+        let info = info_of(entry);
         let deadline = self.deadline.of(body.len() as u64);
         tokio::time::timeout(deadline, self.target.put_new(&entry.key, body, &info))
             .await
@@ -226,5 +268,78 @@ impl Batcher {
                     after: deadline,
                 })
             })
+    }
+}
+
+impl Batcher {
+    /// Uploads a dead-lettered media object the way a raw sink uploads its
+    /// files (in parts, resumable across a restart), from a link in the
+    /// sink's media directory. The sidecar index line is not written.
+    async fn rewrite_media(
+        &self,
+        entry: &Entry,
+        id: &str,
+    ) -> Result<crate::sinks::Written, SinkError> {
+        let object = self.dead_letters.object_path(&self.name, id);
+        let linked = self
+            .media
+            .dir
+            .link_in(&self.name, &format!("dead-letter-{id}"), &object)
+            .map_err(|source| SinkError::Media {
+                path: object.clone(),
+                source,
+            })?;
+        let media = MediaRef {
+            file: linked,
+            size: entry.bytes,
+            sha256: entry.sha256.clone().unwrap_or_default(),
+            content_type: entry.content_type.clone(),
+        };
+        let deadline = self.deadline.of(entry.bytes);
+        let info = info_of(entry);
+        let upload = self.media.upload(
+            &self.spool,
+            &self.name,
+            &self.target,
+            &entry.key,
+            &media,
+            &info,
+        );
+        let written = tokio::time::timeout(deadline, upload)
+            .await
+            .unwrap_or_else(|_| {
+                Err(SinkError::Timeout {
+                    key: entry.key.clone(),
+                    after: deadline,
+                })
+            });
+        if written.is_ok()
+            && let Err(e) = self
+                .media
+                .forget_upload(&self.spool, &self.name, &entry.key)
+                .await
+        {
+            tracing::warn!(sink = %self.name, error = %e, "forgetting a replayed upload's progress failed");
+        }
+        self.media.dir.remove(&media.file);
+        written
+    }
+}
+
+/// What a dead-letter entry keeps: encoded bytes, or a media file.
+enum Kept {
+    Body(Bytes),
+    File(std::path::PathBuf),
+}
+
+fn info_of(entry: &Entry) -> ObjectInfo {
+    ObjectInfo {
+        content_type: entry.content_type.clone(),
+        content_encoding: match entry.content_encoding.as_deref() {
+            Some("gzip") => Some("gzip"),
+            Some("zstd") => Some("zstd"),
+            _ => None,
+        },
+        metadata: entry.metadata.clone(),
     }
 }

@@ -86,6 +86,18 @@ impl MediaSink {
             .await
     }
 
+    /// Forgets the multipart progress kept for `key` (its upload is done,
+    /// or the object went to dead-letter).
+    pub async fn forget_upload(
+        &self,
+        spool: &Spool,
+        name: &str,
+        key: &str,
+    ) -> Result<(), SpoolError> {
+        let mark = forget(upload_tree(name), key.as_bytes().to_vec());
+        spool.append_groups(Vec::new(), vec![mark]).await.map(drop)
+    }
+
     /// After the object is confirmed: index line, complete, clean up.
     /// Returns how many older records `drop_oldest` removed to make room
     /// for the index line.

@@ -340,8 +340,8 @@ impl Batcher {
                     attempt += 1;
                     let held = self.spool.stats(self.sink);
                     let held = held.unsealed_records + meta.records;
-                    match (e.class(), &object) {
-                        (ErrorClass::Permanent(reason), Object::Bytes { body, info }) => {
+                    match e.class() {
+                        ErrorClass::Permanent(reason) => {
                             let failed = dead_letter::Failed {
                                 key: &key,
                                 reason,
@@ -349,13 +349,19 @@ impl Batcher {
                                 first_attempt_ms,
                                 attempts: attempt,
                             };
-                            if self.dead_letter(meta, body, info, failed).await? {
+                            let moved = match &object {
+                                Object::Bytes { body, info } => {
+                                    self.dead_letter(meta, body, info, failed).await?
+                                }
+                                Object::File { media, info, .. } => {
+                                    self.dead_letter_media(meta, media, info, failed).await?
+                                }
+                            };
+                            if moved {
                                 return Ok(true);
                             }
                         }
-                        // Raw objects are not dead-lettered (their file may
-                        // be gigabytes): they wait, and readiness says why.
-                        (ErrorClass::Permanent(reason) | ErrorClass::Operator(reason), _) => {
+                        ErrorClass::Operator(reason) => {
                             self.metrics.sink_blocked(&self.name, Some(&reason));
                             if operator_logged.is_none_or(|t| t.elapsed() >= OPERATOR_LOG_EVERY) {
                                 operator_logged = Some(std::time::Instant::now());
@@ -366,7 +372,7 @@ impl Batcher {
                                 );
                             }
                         }
-                        (ErrorClass::Transient, _) => tracing::warn!(
+                        ErrorClass::Transient => tracing::warn!(
                             sink = %self.name, key = %shorten(&key, 200), error = %e,
                             retry_in = ?delay, held_records = held,
                             "sink unreachable; data is held in the spool"

@@ -236,6 +236,7 @@ mod tests {
             content_encoding: None,
             metadata: vec![],
             replayable: true,
+            sha256: None,
         };
         let id = area.put(&entry, b"body").unwrap();
         entry.key = "lake/b.parquet".into();

@@ -42,6 +42,10 @@ pub struct Entry {
     /// False when the object could not even be encoded: the file then holds
     /// the batch's events as NDJSON for a person to look at, not an object.
     pub replayable: bool,
+    /// Set for a media object (a raw sink's file, kept as a hard link): its
+    /// content hash, which the upload records and checks.
+    #[serde(default)]
+    pub sha256: Option<String>,
 }
 
 /// One entry as listed.
@@ -91,6 +95,30 @@ impl BatchDeadLetters {
         write_durably(&self.path(&entry.sink, &id, OBJECT), body)?;
         self.write_entry(&id, entry)?;
         Ok(id)
+    }
+
+    /// [`Self::put`] for a media file: the object is a hard link to `file`
+    /// (a copy, fsynced, when the dead-letter directory is on another
+    /// filesystem), so gigabytes are not read into memory.
+    pub fn put_file(&self, entry: &Entry, file: &Path) -> io::Result<String> {
+        let dir = self.root.join(&entry.sink);
+        create_dir_durably(&self.root)?;
+        create_dir_durably(&dir)?;
+        let id = Self::id_of(&entry.key);
+        let object = self.object_path(&entry.sink, &id);
+        remove_if_there(&object)?;
+        if fs::hard_link(file, &object).is_err() {
+            fs::copy(file, &object)?;
+            fs::File::open(&object)?.sync_all()?;
+        }
+        sync_dir(&dir)?;
+        self.write_entry(&id, entry)?;
+        Ok(id)
+    }
+
+    /// Where entry `id`'s object is.
+    pub fn object_path(&self, sink: &str, id: &str) -> PathBuf {
+        self.path(sink, id, OBJECT)
     }
 
     fn write_entry(&self, id: &str, entry: &Entry) -> io::Result<()> {
@@ -219,6 +247,7 @@ mod tests {
             content_encoding: Some("gzip".into()),
             metadata: vec![("site".into(), "p1".into())],
             replayable: true,
+            sha256: None,
         }
     }
 
@@ -252,6 +281,17 @@ mod tests {
             dl.find(Some("lake"), &a).unwrap().unwrap().entry.attempts,
             2
         );
+
+        let media = dir.path().join("clip.mp4");
+        std::fs::write(&media, b"frames").unwrap();
+        let mut clip = entry("media", "media/clip.mp4", 40);
+        clip.sha256 = Some("ab".into());
+        let id = dl.put_file(&clip, &media).unwrap();
+        assert_eq!(
+            std::fs::read(dl.object_path("media", &id)).unwrap(),
+            b"frames"
+        );
+        assert_eq!(dl.find(Some("media"), &id).unwrap().unwrap().entry, clip);
 
         dl.remove("lake", &a).unwrap();
         assert_eq!(dl.list(Some("lake")).unwrap().len(), 1);
