@@ -525,6 +525,20 @@ mod tests {
         assert!(reasons[0].contains("sink `lake`"), "{reasons:?}");
         m.uploading("lake", None);
         assert!(m.not_ready(&spool, Duration::from_secs(60)).is_empty());
+
+        m.sink_blocked("lake", Some("AccessDenied"));
+        let reasons = m.not_ready(&spool, Duration::from_secs(60));
+        assert_eq!(reasons.len(), 1, "{reasons:?}");
+        assert!(
+            reasons[0].contains("sink `lake`: the store refuses writes (AccessDenied)"),
+            "{reasons:?}"
+        );
+        m.sink_blocked("lake", None);
+        assert!(m.not_ready(&spool, Duration::from_secs(60)).is_empty());
+        m.batch_dead_lettered("lake", "InvalidStorageClass");
+        assert!(m.render(&spool).contains(
+            "silt_batches_dead_lettered_total{sink=\"lake\",reason=\"InvalidStorageClass\"} 1"
+        ));
         spool.close().unwrap();
     }
 }
