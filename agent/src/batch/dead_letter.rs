@@ -33,6 +33,35 @@ pub(super) struct Failed<'a> {
     pub attempts: u32,
 }
 
+impl Failed<'_> {
+    /// The dead-letter record of a replayable object of `bytes` bytes.
+    fn entry(
+        self,
+        sink: &str,
+        meta: &BatchMeta,
+        info: &ObjectInfo,
+        bytes: u64,
+        sha256: Option<String>,
+    ) -> Entry {
+        Entry {
+            sink: sink.to_string(),
+            key: self.key.to_string(),
+            reason: self.reason,
+            error: shorten(&self.error, ERROR_TEXT_MAX),
+            records: meta.records,
+            bytes,
+            first_attempt_ms: self.first_attempt_ms,
+            last_attempt_ms: now_ms(),
+            attempts: self.attempts,
+            content_type: info.content_type.clone(),
+            content_encoding: info.content_encoding.map(str::to_string),
+            metadata: info.metadata.clone(),
+            replayable: true,
+            sha256,
+        }
+    }
+}
+
 impl Batcher {
     /// Moves the batch to dead-letter and completes it in the spool. False
     /// if the dead-letter write failed: the batch stays and is retried.
@@ -43,22 +72,7 @@ impl Batcher {
         info: &ObjectInfo,
         failed: Failed<'_>,
     ) -> Result<bool, SpoolError> {
-        let entry = Entry {
-            sink: self.name.clone(),
-            key: failed.key.to_string(),
-            reason: failed.reason,
-            error: shorten(&failed.error, ERROR_TEXT_MAX),
-            records: meta.records,
-            bytes: body.len() as u64,
-            first_attempt_ms: failed.first_attempt_ms,
-            last_attempt_ms: now_ms(),
-            attempts: failed.attempts,
-            content_type: info.content_type.clone(),
-            content_encoding: info.content_encoding.map(str::to_string),
-            metadata: info.metadata.clone(),
-            replayable: true,
-            sha256: None,
-        };
+        let entry = failed.entry(&self.name, meta, info, body.len() as u64, None);
         self.store_dead_letter(meta, entry, Kept::Body(body.clone()))
             .await
     }
@@ -72,22 +86,9 @@ impl Batcher {
         info: &ObjectInfo,
         failed: Failed<'_>,
     ) -> Result<bool, SpoolError> {
-        let entry = Entry {
-            sink: self.name.clone(),
-            key: failed.key.to_string(),
-            reason: failed.reason,
-            error: shorten(&failed.error, ERROR_TEXT_MAX),
-            records: meta.records,
-            bytes: media.size,
-            first_attempt_ms: failed.first_attempt_ms,
-            last_attempt_ms: now_ms(),
-            attempts: failed.attempts,
-            content_type: info.content_type.clone(),
-            content_encoding: info.content_encoding.map(str::to_string),
-            metadata: info.metadata.clone(),
-            replayable: true,
-            sha256: Some(media.sha256.clone()),
-        };
+        let key = failed.key;
+        let sha256 = Some(media.sha256.clone());
+        let entry = failed.entry(&self.name, meta, info, media.size, sha256);
         let file = self.media.dir.path(&media.file);
         if !self
             .store_dead_letter(meta, entry, Kept::File(file))
@@ -97,7 +98,7 @@ impl Batcher {
         }
         self.media.dir.remove(&media.file);
         self.media
-            .forget_upload(&self.spool, &self.name, failed.key)
+            .forget_upload(&self.spool, &self.name, key)
             .await?;
         Ok(true)
     }
