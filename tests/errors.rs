@@ -367,6 +367,17 @@ async fn http_rejects_bad_requests_and_accepts_nothing_from_them() {
         .post_raw("/v1/ingest/s1", NDJSON, big, Some(&bearer))
         .await;
     expect("oversized body", &r, 413, None);
+    // The rest of that body is never read, so the connection cannot carry
+    // another request: the reply must say so, or a pooling client sends
+    // the next request into a closing socket.
+    if r.as_ref().is_ok_and(|rep| !rep.closes) {
+        expect(
+            "oversized body: 413 without `Connection: close`",
+            &Err(String::new()),
+            0,
+            None,
+        );
+    }
 
     // Auth: missing header, wrong token, wrong scheme.
     let one = |id: &str| serde_json::to_vec(&json_event(id, 0, 64)).unwrap();

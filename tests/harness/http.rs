@@ -126,6 +126,9 @@ pub struct Reply {
     /// `Idempotent-Replayed: true`: the reply of an earlier request with
     /// the same key.
     pub replayed: bool,
+    /// `Connection: close`: the server will not take another request on
+    /// this connection, so a client must not reuse it.
+    pub closes: bool,
 }
 
 impl Reply {
@@ -191,6 +194,10 @@ impl HttpClient {
             .headers()
             .get("idempotent-replayed")
             .is_some_and(|v| v == "true");
+        let closes = resp
+            .headers()
+            .get("connection")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
         let body = resp
             .text()
             .await
@@ -200,6 +207,7 @@ impl HttpClient {
             body,
             retry_after,
             replayed,
+            closes,
         })
     }
 

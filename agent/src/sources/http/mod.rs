@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use hyper::header::{
     AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
 };
@@ -146,9 +146,20 @@ impl HttpSource {
                 continue;
             };
             let handler = self.handler.clone();
-            let service = service_fn(move |req| {
+            let service = service_fn(move |req: Request<Incoming>| {
                 let handler = handler.clone();
-                async move { Ok::<_, Infallible>(handler.handle(req).await) }
+                async move {
+                    let has_body = !req.body().is_end_stream();
+                    let mut resp = handler.handle(req).await;
+                    // A refused request's body may be unread; hyper then
+                    // closes the connection, and a client that was not told
+                    // reuses it and loses its next request.
+                    if has_body && !resp.status().is_success() {
+                        resp.headers_mut()
+                            .insert(CONNECTION, "close".parse().expect("static header"));
+                    }
+                    Ok::<_, Infallible>(resp)
+                }
             });
             let conn = graceful.watch(http1.serve_connection(TokioIo::new(stream), service));
             connections.spawn(async move {
@@ -397,10 +408,7 @@ impl Handler {
             BodyError::TooLarge { .. } => self.too_large(),
             BodyError::TooSlow { .. } => {
                 tracing::info!(source = %self.name, error = %e, "http body too slow; request cut");
-                let mut resp = error_reply(StatusCode::REQUEST_TIMEOUT, e.to_string());
-                resp.headers_mut()
-                    .insert(CONNECTION, "close".parse().expect("static header"));
-                resp
+                error_reply(StatusCode::REQUEST_TIMEOUT, e.to_string())
             }
             BodyError::Broken { .. } => error_reply(StatusCode::BAD_REQUEST, e.to_string()),
         }
