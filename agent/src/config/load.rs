@@ -170,9 +170,11 @@ pub fn load_str(text: &str, name: &str) -> Result<Config, ConfigError> {
 }
 
 fn finish(merged: &toml::Table, origins: &Origins) -> Result<Config, ConfigError> {
-    let config: Config = serde_path_to_error::deserialize(toml::Value::Table(merged.clone()))
-        .map_err(|e| deserialize_error(e, merged, origins))?;
+    let mut config: Config =
+        serde_path_to_error::deserialize(toml::Value::Table(merged.clone()))
+            .map_err(|e| deserialize_error(e, merged, origins))?;
     super::validate::validate(&config, origins)?;
+    super::secret::read_secret_files(&mut config, origins)?;
     Ok(config)
 }
 
@@ -326,7 +328,7 @@ fn render_table(
     for (key, value) in values {
         let shown = match value {
             toml::Value::String(s) if !s.is_empty() && SECRET_KEYS.contains(&key.as_str()) => {
-                "\"<redacted>\"".to_string()
+                format!("\"{}\"", super::REDACTED)
             }
             _ => value.to_string(),
         };

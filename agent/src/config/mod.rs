@@ -4,6 +4,7 @@
 //! instead of silently falling back to a default on a device in the field.
 
 mod load;
+mod secret;
 mod validate;
 
 pub use validate::warnings;
@@ -18,6 +19,8 @@ use std::time::Duration;
 
 use bytesize::ByteSize;
 use serde::Deserialize;
+
+pub use secret::{REDACTED, Secret};
 
 pub use load::{
     ConfigError, ENV_FILE, FLEET_BASE, FLEET_DEVICE, FLEET_SITE_DIR, config_files, load,
@@ -181,13 +184,24 @@ pub struct MqttSourceConfig {
     #[serde(default)]
     pub username: Option<String>,
     #[serde(default)]
-    pub password: Option<String>,
+    pub password: Option<Secret>,
+    /// A file holding the password (read at start and on reload), instead
+    /// of `password`.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
     /// Defaults to `silt-{agent}-{source}` so the broker keeps one session per source.
     #[serde(default)]
     pub client_id: Option<String>,
     /// PEM CA bundle for `mqtts://`; the system roots are used when unset.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) for `mqtts://`, for brokers that
+    /// authenticate devices by certificate (AWS IoT Core, `require_certificate`).
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM private key of `client_cert_file` (PKCS#8, RSA or EC).
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
     #[serde(default = "default_keep_alive", with = "humantime_serde")]
     pub keep_alive: Duration,
     #[serde(default = "default_mqtt_max_packet")]
@@ -231,9 +245,21 @@ fn default_reconnect_max() -> Duration {
 #[serde(deny_unknown_fields)]
 pub struct HttpSourceConfig {
     pub listen: SocketAddr,
-    /// Bearer token clients must send; empty means no authentication.
+    /// Bearer token clients must send.
     #[serde(default)]
-    pub auth_token: Option<String>,
+    pub auth_token: Option<Secret>,
+    /// A file of bearer tokens, one per line (`#` starts a comment); any of
+    /// them is accepted, and the file is re-read when it changes, so a token
+    /// is rotated by adding the new one, moving clients, removing the old.
+    #[serde(default)]
+    pub auth_tokens_file: Option<PathBuf>,
+    /// `"none"`: accept requests without a token on purpose (silences the
+    /// warning for a source that has none).
+    #[serde(default)]
+    pub auth: Option<HttpAuth>,
+    /// Serve HTTPS instead of HTTP.
+    #[serde(default)]
+    pub tls: Option<HttpTlsConfig>,
     #[serde(default = "default_max_body")]
     pub max_body: ByteSize,
     /// Largest media upload (`PUT /v1/media/...`), streamed to disk.
@@ -267,6 +293,27 @@ pub struct HttpSourceConfig {
     /// connection is closed at once (`silt_http_connections_refused`).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpAuth {
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpTlsConfig {
+    /// PEM certificate chain, leaf first. Re-read when it changes: new
+    /// connections get the new certificate, open ones keep theirs.
+    pub cert_file: PathBuf,
+    /// PEM private key of the certificate (PKCS#8, RSA or EC).
+    pub key_file: PathBuf,
+    /// PEM CA bundle: when set, every client must present a certificate it
+    /// signed, and the certificate's subject (CN, else its first SAN)
+    /// becomes the events' `client_id` attribute.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
 }
 
 fn default_header_timeout() -> Duration {
@@ -396,7 +443,14 @@ pub struct SinkConfig {
     #[serde(default)]
     pub access_key_id: Option<String>,
     #[serde(default)]
-    pub secret_access_key: Option<String>,
+    pub secret_access_key: Option<Secret>,
+    /// `s3`: a file holding the secret key, instead of `secret_access_key`.
+    #[serde(default)]
+    pub secret_access_key_file: Option<PathBuf>,
+    /// `s3`: PEM CA bundle trusted for the endpoint (a private CA in front
+    /// of MinIO or Ceph), in addition to the system roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl SinkConfig {

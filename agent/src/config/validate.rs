@@ -10,6 +10,24 @@ use crate::batch::{KeyTemplate, MAX_KEY_LEN, MAX_VALUE_LEN, TOO_LONG};
 /// What a valid config may still do that its author should know about.
 pub fn warnings(config: &Config) -> Vec<String> {
     let mut out = Vec::new();
+    for (name, source) in &config.sources {
+        let SourceConfig::Http(http) = source else {
+            continue;
+        };
+        if http.auth_token.as_ref().is_some_and(|t| t.is_empty()) {
+            out.push(format!(
+                "sources.{name}.auth_token is empty (an unset `${{VAR:-}}`?): the source takes requests from anyone; set the token, or `auth = \"none\"` if that is meant"
+            ));
+        } else if http.auth.is_none()
+            && http.auth_token.is_none()
+            && http.auth_tokens_file.is_none()
+            && http.tls.as_ref().is_none_or(|t| t.client_ca_file.is_none())
+        {
+            out.push(format!(
+                "sources.{name}: no `auth_token`, `auth_tokens_file` or `tls.client_ca_file`, so the source takes requests from anyone; set one, or `auth = \"none\"` if that is meant"
+            ));
+        }
+    }
     for (name, sink) in &config.sinks {
         let Ok(template) = KeyTemplate::parse(&sink.key()) else {
             continue;
@@ -218,8 +236,42 @@ fn validate_source(source: &SourceConfig) -> Result<(), (&'static str, String)> 
                     format!("qos {} is not supported: use 0 or 1", mqtt.qos),
                 ));
             }
+            if mqtt.password.is_some() && mqtt.password_file.is_some() {
+                return Err((
+                    "password_file",
+                    "set `password` or `password_file`, not both".into(),
+                ));
+            }
             if mqtt.username.is_none() && mqtt.password.is_some() {
                 return Err(("password", "`password` is set without `username`".into()));
+            }
+            if mqtt.username.is_none() && mqtt.password_file.is_some() {
+                return Err((
+                    "password_file",
+                    "`password_file` is set without `username`".into(),
+                ));
+            }
+            if mqtt.client_cert_file.is_some() != mqtt.client_key_file.is_some() {
+                return Err((
+                    "client_cert_file",
+                    "set both `client_cert_file` and `client_key_file`, or neither".into(),
+                ));
+            }
+            if mqtt.client_cert_file.is_some() {
+                let (_, _, tls) = crate::sources::mqtt::parse_broker_url(&mqtt.url)
+                    .map_err(|e| ("url", e))?;
+                if !tls {
+                    return Err((
+                        "client_cert_file",
+                        "a client certificate needs TLS: use an `mqtts://` url".into(),
+                    ));
+                }
+                if mqtt.ca_file.is_none() {
+                    return Err((
+                        "ca_file",
+                        "a client certificate needs `ca_file`, the CA that signed the broker's certificate (AWS IoT Core: AmazonRootCA1.pem)".into(),
+                    ));
+                }
             }
             let inflight = mqtt.max_inflight_bytes.as_u64();
             if !(1..=u64::from(u32::MAX)).contains(&inflight) {
@@ -273,6 +325,14 @@ fn validate_source(source: &SourceConfig) -> Result<(), (&'static str, String)> 
             if http.max_connections == 0 {
                 return Err(("max_connections", "must be at least 1".into()));
             }
+            if http.auth == Some(super::HttpAuth::None)
+                && (http.auth_token.is_some() || http.auth_tokens_file.is_some())
+            {
+                return Err((
+                    "auth",
+                    "`auth = \"none\"` accepts requests without a token, but a token is set: remove one of them".into(),
+                ));
+            }
             Ok(())
         }
     }
@@ -285,6 +345,8 @@ fn validate_sink_kind(sink: &SinkConfig) -> Result<(), (&'static str, String)> {
         ("region", sink.region.is_some()),
         ("access_key_id", sink.access_key_id.is_some()),
         ("secret_access_key", sink.secret_access_key.is_some()),
+        ("secret_access_key_file", sink.secret_access_key_file.is_some()),
+        ("ca_file", sink.ca_file.is_some()),
     ];
     match sink.kind {
         SinkKind::S3 => {
@@ -297,10 +359,18 @@ fn validate_sink_kind(sink: &SinkConfig) -> Result<(), (&'static str, String)> {
             if sink.bucket.as_deref().is_none_or(str::is_empty) {
                 return Err(("bucket", "an s3 sink needs `bucket`".into()));
             }
-            if sink.access_key_id.is_some() != sink.secret_access_key.is_some() {
+            if sink.secret_access_key.is_some() && sink.secret_access_key_file.is_some() {
+                return Err((
+                    "secret_access_key_file",
+                    "set `secret_access_key` or `secret_access_key_file`, not both".into(),
+                ));
+            }
+            let has_secret =
+                sink.secret_access_key.is_some() || sink.secret_access_key_file.is_some();
+            if sink.access_key_id.is_some() != has_secret {
                 return Err((
                     "access_key_id",
-                    "set both `access_key_id` and `secret_access_key`, or neither".into(),
+                    "set both `access_key_id` and `secret_access_key` (or `secret_access_key_file`), or neither".into(),
                 ));
             }
             Ok(())

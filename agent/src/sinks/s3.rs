@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use object_store::aws::{AmazonS3, AmazonS3Builder};
-use object_store::{BackoffConfig, ClientOptions, RetryConfig};
+use object_store::{BackoffConfig, Certificate, ClientOptions, RetryConfig};
 
 use crate::config::SinkConfig;
 
@@ -20,9 +20,21 @@ pub(super) fn build(config: &SinkConfig) -> Result<Arc<AmazonS3>, String> {
     // including the allow-http flag set below. No fixed request timeout:
     // the batcher gives each upload a deadline that grows with its size, so
     // a large object on a slow link is not cut off on every try.
-    let client = ClientOptions::new()
+    let mut client = ClientOptions::new()
         .with_connect_timeout(Duration::from_secs(5))
         .with_timeout_disabled();
+    if let Some(path) = &config.ca_file {
+        let pem = std::fs::read(path)
+            .map_err(|e| format!("cannot read ca_file {}: {e}", path.display()))?;
+        let certs = Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("ca_file {} is not a PEM bundle: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!("ca_file {} holds no certificate", path.display()));
+        }
+        for cert in certs {
+            client = client.with_root_certificate(cert);
+        }
+    }
     builder = builder.with_client_options(client);
     if let Some(endpoint) = &config.endpoint {
         builder = builder
@@ -33,7 +45,7 @@ pub(super) fn build(config: &SinkConfig) -> Result<Arc<AmazonS3>, String> {
     if let (Some(id), Some(secret)) = (&config.access_key_id, &config.secret_access_key) {
         builder = builder
             .with_access_key_id(id)
-            .with_secret_access_key(secret);
+            .with_secret_access_key(secret.expose());
     }
     // silt retries forever with its own capped backoff and logs each
     // failure; the client only smooths over single blips.

@@ -73,6 +73,12 @@ impl Handler {
             .unwrap_or_default();
         let query = req.uri().query().unwrap_or("").to_string();
         attributes.retain(|(k, _)| !k.starts_with(RESERVED_ATTRIBUTE_PREFIX));
+        // A verified certificate's subject wins over a query parameter of
+        // the same name, so a client cannot claim another's identity.
+        if let Some(id) = super::client_id(&req) {
+            attributes.retain(|(k, _)| k != super::CLIENT_ID_ATTRIBUTE);
+            attributes.push((super::CLIENT_ID_ATTRIBUTE.into(), id));
+        }
 
         let body = self.limits.pace(req.into_body()).into_stream();
         let dir = self.ingest.media_dir();

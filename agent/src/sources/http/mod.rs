@@ -2,9 +2,11 @@
 //! events are committed to the spool; `PUT /v1/media/{stream}/{name}`
 //! (see [`media`]) answers 201 once the upload is on disk and referenced.
 
+mod auth;
 mod idempotency;
 mod limits;
 mod media;
+mod tls;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -22,11 +24,13 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::value::RawValue;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::HttpSourceConfig;
 use crate::event::{Event, now_ms};
 use crate::transform::Ingest;
+use auth::Tokens;
 use idempotency::{Begin, Idempotency};
 use limits::{BodyError, Limits};
 
@@ -45,11 +49,29 @@ pub enum HttpError {
         addr: SocketAddr,
         error: std::io::Error,
     },
+    #[error("http source {source_name}: tls: {error}")]
+    Tls {
+        source_name: String,
+        error: tls::TlsError,
+    },
+    #[error("http source {source_name} cannot read auth_tokens_file: {error}")]
+    Tokens {
+        source_name: String,
+        error: std::io::Error,
+    },
 }
+
+/// The verified subject of a client certificate, set on each request of
+/// the connection that presented it.
+#[derive(Clone)]
+struct ClientId(std::sync::Arc<str>);
+
+/// The event attribute a verified client certificate's subject goes to.
+pub const CLIENT_ID_ATTRIBUTE: &str = "client_id";
 
 struct Handler {
     name: String,
-    auth_token: Option<String>,
+    tokens: Tokens,
     max_body: u64,
     max_media: u64,
     limits: Limits,
@@ -59,6 +81,7 @@ struct Handler {
 
 pub struct HttpSource {
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     handler: std::sync::Arc<Handler>,
 }
 
@@ -72,6 +95,17 @@ impl HttpSource {
         config: &HttpSourceConfig,
         ingest: Ingest,
     ) -> Result<HttpSource, HttpError> {
+        let tls = match &config.tls {
+            Some(tls) => Some(tls::acceptor(tls).map_err(|error| HttpError::Tls {
+                source_name: name.to_string(),
+                error,
+            })?),
+            None => None,
+        };
+        let tokens = Tokens::new(config).map_err(|error| HttpError::Tokens {
+            source_name: name.to_string(),
+            error,
+        })?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|error| HttpError::Bind {
@@ -94,7 +128,7 @@ impl HttpSource {
         let handler = Handler {
             idempotency: Idempotency::new(name, retention, stored),
             name: name.to_string(),
-            auth_token: config.auth_token.clone().filter(|t| !t.is_empty()),
+            tokens,
             max_body: config.max_body.as_u64(),
             max_media: config.max_media.as_u64(),
             limits: Limits::new(config),
@@ -102,6 +136,7 @@ impl HttpSource {
         };
         Ok(HttpSource {
             listener,
+            tls,
             handler: std::sync::Arc::new(handler),
         })
     }
@@ -115,7 +150,8 @@ impl HttpSource {
     /// task is alive, so none holds the spool open after a stop or reload.
     pub async fn run(self, shutdown: CancellationToken) {
         let addr = self.local_addr();
-        tracing::info!(source = %self.handler.name, addr = ?addr, "http listening");
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        tracing::info!(source = %self.handler.name, addr = ?addr, scheme, "http listening");
         let graceful = GracefulShutdown::new();
         let mut connections = tokio::task::JoinSet::new();
         let limits = &self.handler.limits;
@@ -146,25 +182,29 @@ impl HttpSource {
                 continue;
             };
             let handler = self.handler.clone();
-            let service = service_fn(move |req: Request<Incoming>| {
-                let handler = handler.clone();
-                async move {
-                    let has_body = !req.body().is_end_stream();
-                    let mut resp = handler.handle(req).await;
-                    // A refused request's body may be unread; hyper then
-                    // closes the connection, and a client that was not told
-                    // reuses it and loses its next request.
-                    if has_body && !resp.status().is_success() {
-                        resp.headers_mut()
-                            .insert(CONNECTION, "close".parse().expect("static header"));
-                    }
-                    Ok::<_, Infallible>(resp)
-                }
-            });
-            let conn = graceful.watch(http1.serve_connection(TokioIo::new(stream), service));
+            let tls = self.tls.clone();
+            let http1 = http1.clone();
+            let watcher = graceful.watcher();
+            let handshake_timeout = limits.header_timeout;
             connections.spawn(async move {
                 let _slot = slot;
-                conn.await
+                let Some(tls) = tls else {
+                    let conn = http1.serve_connection(TokioIo::new(stream), service(handler, None));
+                    return watcher.watch(conn).await;
+                };
+                // The handshake gets the header timeout too, so a client
+                // that never finishes it cannot hold a connection slot.
+                let stream = match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        tracing::info!(source = %handler.name, error = %e, "tls handshake refused");
+                        return Ok(());
+                    }
+                    Err(_) => return Ok(()),
+                };
+                let client_id = tls::client_id(stream.get_ref().1).map(|id| ClientId(id.into()));
+                let conn = http1.serve_connection(TokioIo::new(stream), service(handler, client_id));
+                watcher.watch(conn).await
             });
         }
         drop(self.listener);
@@ -178,6 +218,37 @@ impl HttpSource {
         }
         connections.shutdown().await;
     }
+}
+
+/// The request handler of one connection; `client_id` is the verified
+/// client certificate's subject, if the connection presented one.
+fn service(
+    handler: std::sync::Arc<Handler>,
+    client_id: Option<ClientId>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Reply,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Reply, Infallible>> + Send,
+> + Clone {
+    service_fn(move |mut req: Request<Incoming>| {
+        let handler = handler.clone();
+        if let Some(id) = &client_id {
+            req.extensions_mut().insert(id.clone());
+        }
+        async move {
+            let has_body = !req.body().is_end_stream();
+            let mut resp = handler.handle(req).await;
+            // A refused request's body may be unread; hyper then closes
+            // the connection, and a client that was not told reuses it and
+            // loses its next request.
+            if has_body && !resp.status().is_success() {
+                resp.headers_mut()
+                    .insert(CONNECTION, "close".parse().expect("static header"));
+            }
+            Ok::<_, Infallible>(resp)
+        }
+    })
 }
 
 /// How long a stopping source lets requests in flight finish. Idle
@@ -273,6 +344,7 @@ impl Handler {
             Ok(key) => key,
             Err(refused) => return *refused,
         };
+        let client_id = client_id(&req);
         let content_type = req
             .headers()
             .get(CONTENT_TYPE)
@@ -304,10 +376,15 @@ impl Handler {
             }
             None => None,
         };
-        let events = match parse_body(&stream, &content_type, body, now_ms()) {
+        let mut events = match parse_body(&stream, &content_type, body, now_ms()) {
             Ok(events) => events,
             Err(message) => return error_reply(StatusCode::BAD_REQUEST, message),
         };
+        if let Some(id) = client_id {
+            for event in &mut events {
+                event.attributes.push((CLIENT_ID_ATTRIBUTE.into(), id.clone()));
+            }
+        }
         let received = events.len();
         let accepted = idempotency::Reply {
             status: StatusCode::ACCEPTED.as_u16(),
@@ -422,26 +499,25 @@ impl Handler {
     }
 
     fn authorized(&self, req: &Request<Incoming>) -> bool {
-        let Some(token) = &self.auth_token else {
+        if !self.tokens.required() {
             return true;
-        };
+        }
         let given = req
             .headers()
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        constant_time_eq(given.as_bytes(), token.as_bytes())
+        self.tokens.accepts(given)
     }
 }
 
-/// Compares without an early exit, so response time does not reveal how
-/// much of a guessed token was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// The verified client certificate's subject, if the request came over a
+/// connection that presented one.
+fn client_id(req: &Request<Incoming>) -> Option<String> {
+    req.extensions()
+        .get::<ClientId>()
+        .map(|id| id.0.to_string())
 }
 
 fn is_json(content_type: &str) -> bool {

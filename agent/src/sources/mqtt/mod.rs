@@ -26,8 +26,8 @@ use committer::{Committer, Incoming};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
-    #[error("cannot read CA file {path}: {source}")]
-    CaFile {
+    #[error("cannot read TLS file {path}: {source}; it must exist and be readable by silt's user")]
+    TlsFile {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
@@ -69,16 +69,23 @@ fn options(config: &MqttSourceConfig, client_id: &str) -> Result<MqttOptions, Mq
     let max_packet = config.max_packet_size.as_u64() as usize;
     options.set_max_packet_size(max_packet, max_packet);
     if let Some(user) = &config.username {
-        options.set_credentials(user, config.password.clone().unwrap_or_default());
+        let password = config.password.as_ref().map_or("", |p| p.expose());
+        options.set_credentials(user, password);
     }
     if tls {
         let transport = match &config.ca_file {
             Some(path) => {
-                let ca = std::fs::read(path).map_err(|source| MqttError::CaFile {
-                    path: path.clone(),
-                    source,
-                })?;
-                Transport::tls(ca, None, None)
+                let read = |path: &std::path::PathBuf| {
+                    std::fs::read(path).map_err(|source| MqttError::TlsFile {
+                        path: path.clone(),
+                        source,
+                    })
+                };
+                let client_auth = match (&config.client_cert_file, &config.client_key_file) {
+                    (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+                    _ => None,
+                };
+                Transport::tls(read(path)?, client_auth, None)
             }
             None => Transport::tls_with_default_config(),
         };
