@@ -353,6 +353,9 @@ impl Parts {
         for source in self.mqtt {
             sources.spawn(source.run(sources_stop.clone()));
         }
+        for warning in config::warnings(&config) {
+            tracing::warn!("config: {warning}");
+        }
         tracing::info!(agent = %config.agent.id, sources = config.sources.len(), sinks = config.sinks.len(), "silt running");
         notify_systemd_ready();
         Pipeline {

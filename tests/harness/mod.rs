@@ -17,6 +17,7 @@ pub mod lazyfs;
 pub mod media;
 pub mod mqtt;
 pub mod payload;
+pub mod pki;
 pub mod procs;
 pub mod python;
 pub mod tmpfs;

@@ -170,9 +170,8 @@ pub fn load_str(text: &str, name: &str) -> Result<Config, ConfigError> {
 }
 
 fn finish(merged: &toml::Table, origins: &Origins) -> Result<Config, ConfigError> {
-    let mut config: Config =
-        serde_path_to_error::deserialize(toml::Value::Table(merged.clone()))
-            .map_err(|e| deserialize_error(e, merged, origins))?;
+    let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(merged.clone()))
+        .map_err(|e| deserialize_error(e, merged, origins))?;
     super::validate::validate(&config, origins)?;
     super::secret::read_secret_files(&mut config, origins)?;
     Ok(config)

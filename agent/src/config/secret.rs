@@ -87,10 +87,8 @@ pub(super) fn read_secret_files(config: &mut Config, origins: &Origins) -> Resul
     }
     for (name, sink) in &mut config.sinks {
         if let Some(path) = &sink.secret_access_key_file {
-            sink.secret_access_key = Some(read(
-                format!("sinks.{name}.secret_access_key_file"),
-                path,
-            )?);
+            sink.secret_access_key =
+                Some(read(format!("sinks.{name}.secret_access_key_file"), path)?);
         }
     }
     Ok(())

@@ -232,10 +232,11 @@ fn graph_errors_name_the_component() {
 
 #[test]
 fn keys_that_can_pass_the_s3_limit_are_warned_about() {
-    let ok = load_str(MINIMAL, "c.toml").unwrap();
+    let quiet = MINIMAL.replace("8080\"", "8080\"\nauth = \"none\"");
+    let ok = load_str(&quiet, "c.toml").unwrap();
     assert!(warnings(&ok).is_empty());
     let key = (0..8).map(|i| format!("{{attr.a{i}}}")).collect::<Vec<_>>();
-    let text = MINIMAL.replace(
+    let text = quiet.replace(
         "path = \"./lake\"",
         &format!("path = \"./lake\"\nkey = \"{}/{{batch}}\"", key.join("/")),
     );
@@ -546,4 +547,57 @@ fn shipped_fleet_example_loads() {
 fn a_missing_section_names_the_file() {
     let err = load_str("", "empty.toml").unwrap_err().to_string();
     assert!(err.starts_with("empty.toml: key `sources`"), "{err}");
+}
+
+#[test]
+fn a_source_open_to_anyone_is_warned_about() {
+    let warned = |extra: &str| {
+        let text = MINIMAL.replace("8080\"", &format!("8080\"\n{extra}"));
+        warnings(&load_str(&text, "c.toml").unwrap())
+    };
+    let empty = warned("auth_token = \"${SILT_UNSET_TOKEN_FOR_TEST:-}\"");
+    assert!(
+        empty.len() == 1 && empty[0].contains("auth_token is empty"),
+        "{empty:?}"
+    );
+    let missing = warned("");
+    assert!(
+        missing.len() == 1 && missing[0].contains("takes requests from anyone"),
+        "{missing:?}"
+    );
+    assert!(warned("auth = \"none\"").is_empty());
+    assert!(warned("auth_token = \"s3cret\"").is_empty());
+    let both = MINIMAL.replace("8080\"", "8080\"\nauth = \"none\"\nauth_token = \"x\"");
+    let err = load_str(&both, "c.toml").unwrap_err().to_string();
+    assert!(err.contains("auth = \"none\""), "{err}");
+}
+
+#[test]
+fn secrets_are_redacted_and_read_from_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("s3-secret");
+    std::fs::write(&key_file, "file-secret-value\n").unwrap();
+    let text = format!(
+        "{MINIMAL}\n[sinks.cloud]\ntype = \"s3\"\ninputs = [\"api\"]\nbucket = \"b\"\naccess_key_id = \"AKID\"\nsecret_access_key_file = \"{}\"\n",
+        key_file.display()
+    );
+    let config = load_str(&text, "c.toml").unwrap();
+    let secret = config.sinks["cloud"].secret_access_key.as_ref().unwrap();
+    assert_eq!(secret.expose(), "file-secret-value");
+    let shown = format!("{config:?}");
+    assert!(
+        !shown.contains("file-secret-value") && shown.contains(REDACTED),
+        "{shown}"
+    );
+
+    let both = format!("{text}secret_access_key = \"inline\"\n");
+    assert!(
+        load_str(&both, "c.toml")
+            .unwrap_err()
+            .to_string()
+            .contains("not both")
+    );
+    let missing = text.replace("s3-secret", "no-such-file");
+    let err = load_str(&missing, "c.toml").unwrap_err().to_string();
+    assert!(err.contains("no-such-file"), "{err}");
 }

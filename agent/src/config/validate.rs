@@ -258,8 +258,8 @@ fn validate_source(source: &SourceConfig) -> Result<(), (&'static str, String)> 
                 ));
             }
             if mqtt.client_cert_file.is_some() {
-                let (_, _, tls) = crate::sources::mqtt::parse_broker_url(&mqtt.url)
-                    .map_err(|e| ("url", e))?;
+                let (_, _, tls) =
+                    crate::sources::mqtt::parse_broker_url(&mqtt.url).map_err(|e| ("url", e))?;
                 if !tls {
                     return Err((
                         "client_cert_file",
@@ -345,7 +345,10 @@ fn validate_sink_kind(sink: &SinkConfig) -> Result<(), (&'static str, String)> {
         ("region", sink.region.is_some()),
         ("access_key_id", sink.access_key_id.is_some()),
         ("secret_access_key", sink.secret_access_key.is_some()),
-        ("secret_access_key_file", sink.secret_access_key_file.is_some()),
+        (
+            "secret_access_key_file",
+            sink.secret_access_key_file.is_some(),
+        ),
         ("ca_file", sink.ca_file.is_some()),
     ];
     match sink.kind {

@@ -161,6 +161,13 @@ mod tests {
     }
 
     #[test]
+    fn token_compare() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+
+    #[test]
     fn an_empty_token_is_no_token() {
         let tokens = Tokens::new(&config(Some(""), None)).unwrap();
         assert!(!tokens.required());
