@@ -12,6 +12,16 @@
 //!   `tls.client_ca_file`, no certificate and one from another CA are
 //!   refused; a good one is accepted, its CN is the `client_id` attribute,
 //!   here a segment of the lake key.
+//! - `mqtt_client_certificate_to_a_broker_that_requires_one`: mosquitto with
+//!   a TLS listener, `require_certificate true` and
+//!   `use_identity_as_username true`; silt with `client_cert_file` gets every
+//!   QoS 1 message into S3 exactly once, the broker names it by its
+//!   certificate's CN; a second agent without the certificate is refused and
+//!   its log says why.
+//! - `s3_over_https_with_a_private_ca`: s3s-fs behind a TLS-terminating
+//!   proxy (this file) with a certificate from a private CA: with `ca_file`
+//!   every event reaches the bucket; without it the sink does not trust the
+//!   endpoint, says so, and uploads nothing.
 //! - `no_secret_reaches_a_log_or_print`: secrets inline and from files in an
 //!   MQTT password, an S3 secret key and HTTP tokens; `check --print` and
 //!   the log of a run whose broker and S3 endpoint are down hold none of
@@ -357,4 +367,215 @@ async fn no_secret_reaches_a_log_or_print() {
         );
         assert!(!log.contains(secret), "`{secret}` in the log:\n{log}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_client_certificate_to_a_broker_that_requires_one() {
+    let s = Scratch::new("mqtt-mtls");
+    let ca = Ca::new(s.path(), "broker-ca");
+    let server = ca.server("broker");
+    let device = ca.client("device", "gw-7");
+    let tls_port = free_port();
+    let broker = Mosquitto::start_with(
+        &s.join("mosquitto"),
+        &format!(
+            "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n\
+             require_certificate true\nuse_identity_as_username true\n",
+            ca.cert_file.display(),
+            server.cert_file.display(),
+            server.key_file.display()
+        ),
+    );
+    let s3 = S3Server::start(s.path(), "mtls");
+    let mqtts = |cert: bool| {
+        let mut source =
+            config::mqtt_source("m", &format!("mqtts://localhost:{tls_port}"), &["dev/#"])
+                .trim_end()
+                .to_string();
+        source.push_str(&format!("\nca_file = \"{}\"\n", ca.cert_file.display()));
+        if cert {
+            source.push_str(&format!(
+                "client_cert_file = \"{}\"\nclient_key_file = \"{}\"\n",
+                device.cert_file.display(),
+                device.key_file.display()
+            ));
+        }
+        source + "\n"
+    };
+    let sink = config::s3_sink(
+        "lake",
+        &["m"],
+        &s3,
+        "gzip",
+        &config::batch(1_000, "8MiB", "1s"),
+    );
+    let mut agent = Agent::start(
+        &s.join("agent"),
+        &(config::agent("gw-7") + &mqtts(true) + &sink),
+    );
+    agent.wait_ready(&[("mqtt subscribed", 1)], 60).await;
+    assert!(
+        broker.log_tail(200).contains("u'gw-7'"),
+        "the broker takes the certificate's CN as the user name:\n{}",
+        broker.log_tail(40)
+    );
+
+    let msgs = harness::mqtt::messages("tls", 300, &["dev/a", "dev/b"], 0, 128);
+    let progress = std::sync::Arc::new(harness::mqtt::Progress::default());
+    let report =
+        harness::mqtt::publish(broker.port, "pub", msgs, Default::default(), progress).await;
+    assert_eq!(report.acked.len(), 300, "{:?}", report.error);
+    let ids: HashSet<String> = report.acked.iter().cloned().collect();
+    let snap = S3Lake::new(&s3)
+        .wait_for(&ids, deadline(60), std::time::Instant::now())
+        .await
+        .unwrap();
+    assert_eq!(snap.records.len(), 300, "every message once");
+
+    let mut stranger = Agent::start(
+        &s.join("stranger"),
+        &(config::agent("gw-8") + &mqtts(false) + &sink),
+    );
+    stranger
+        .wait_log("mqtt connection lost", deadline(30))
+        .await
+        .unwrap();
+    let log = stranger.log_run();
+    let line = log
+        .lines()
+        .find(|l| l.contains("mqtt connection lost"))
+        .unwrap()
+        .to_string();
+    eprintln!("refused: {line}");
+    assert!(stranger.count_log("mqtt subscribed") == 0, "{log}");
+    assert!(
+        line.to_lowercase().contains("certificate"),
+        "the log says why: {line}"
+    );
+    stranger.sigterm_and_wait(Duration::from_secs(30)).await;
+    agent.sigterm_and_wait(Duration::from_secs(30)).await;
+}
+
+/// Terminates TLS on a free port with `cert` and forwards to `upstream`.
+async fn tls_proxy(cert: &pki::Issued, upstream: u16) -> (u16, tokio::task::JoinHandle<()>) {
+    use rustls::pki_types::pem::PemObject;
+    let chain = rustls::pki_types::CertificateDer::pem_file_iter(&cert.cert_file)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&cert.key_file).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut up) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+            });
+        }
+    });
+    (port, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_over_https_with_a_private_ca() {
+    let s = Scratch::new("s3-tls");
+    let ca = Ca::new(s.path(), "storage-ca");
+    let cert = ca.server("storage");
+    let s3 = S3Server::start(s.path(), "private");
+    let upstream: u16 = s3
+        .endpoint()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let (proxy, proxy_task) = tls_proxy(&cert, upstream).await;
+    let sink = |trusted: bool| {
+        let mut sink = config::s3_sink(
+            "lake",
+            &["api"],
+            &s3,
+            "gzip",
+            &config::batch(1_000, "8MiB", "1s"),
+        )
+        .replace(&s3.endpoint(), &format!("https://localhost:{proxy}"))
+        .trim_end()
+        .to_string();
+        if trusted {
+            sink.push_str(&format!("\nca_file = \"{}\"", ca.cert_file.display()));
+        }
+        sink + "\n\n"
+    };
+    let run = |name: &str, trusted: bool| {
+        let port = free_port();
+        let cfg = config::agent(name)
+            + &config::http_source("api", port, Some(TOKEN), "1MiB")
+            + &sink(trusted);
+        (Agent::start(&s.join(name), &cfg), port)
+    };
+
+    let (mut stranger, port) = run("untrusting", false);
+    stranger.wait_ready(&[("http listening", 1)], 60).await;
+    let reply = HttpClient::new(port, Some(TOKEN))
+        .ingest(&IngestReq::single("t", serde_json::json!({"id": "u1"})))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 202);
+    stranger
+        .wait_log("sink unreachable", deadline(60))
+        .await
+        .unwrap();
+    let log = stranger.log_run();
+    let line = log
+        .lines()
+        .find(|l| l.contains("sink unreachable"))
+        .unwrap()
+        .to_string();
+    eprintln!("untrusted endpoint: {line}");
+    stranger.sigterm_and_wait(Duration::from_secs(30)).await;
+
+    let (mut agent, port) = run("trusting", true);
+    agent.wait_ready(&[("http listening", 1)], 60).await;
+    let ids: HashSet<String> = (0..50).map(|i| format!("s{i}")).collect();
+    let client = HttpClient::new(port, Some(TOKEN));
+    for id in &ids {
+        let reply = client
+            .ingest(&IngestReq::single("t", serde_json::json!({"id": id})))
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 202);
+    }
+    let mut lake = S3Lake::new(&s3);
+    let snap = lake
+        .wait_for(&ids, deadline(60), std::time::Instant::now())
+        .await
+        .unwrap();
+    assert_eq!(
+        snap.records.len(),
+        50,
+        "the untrusting agent uploaded nothing, this one each event once"
+    );
+    agent.sigterm_and_wait(Duration::from_secs(30)).await;
+    proxy_task.abort();
 }

@@ -88,11 +88,19 @@ pub struct Mosquitto {
     conf: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// Appended to the config: more listeners and their options.
+    extra: String,
 }
 
 impl Mosquitto {
     /// Starts mosquitto on a free loopback port with persistence under `dir`.
     pub fn start(dir: &Path) -> Mosquitto {
+        Mosquitto::start_with(dir, "")
+    }
+
+    /// [`Mosquitto::start`] with `extra` appended to its config, e.g. a
+    /// TLS listener (options after a `listener` line belong to it).
+    pub fn start_with(dir: &Path, extra: &str) -> Mosquitto {
         let dir = dir.to_path_buf();
         fs::create_dir_all(dir.join("persist")).unwrap();
         let port = free_port();
@@ -105,6 +113,7 @@ impl Mosquitto {
             log,
             child: None,
             started: false,
+            extra: extra.to_string(),
         };
         m.write_conf();
         m.spawn();
@@ -130,10 +139,11 @@ impl Mosquitto {
              log_type error\nlog_type warning\nlog_type notice\nlog_type information\n\
              connection_messages true\n\
              log_timestamp_format %H:%M:%S\n\
-             {}",
+             {}{}",
             dir.join("persist").display(),
             log.display(),
             if is_root { "user root\n" } else { "" },
+            self.extra,
         );
         fs::write(conf, text).unwrap();
     }
