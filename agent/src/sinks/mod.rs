@@ -18,11 +18,28 @@ use crate::config::{SinkConfig, SinkKind};
 pub use class::{ErrorClass, shorten};
 pub use multipart::{Checkpoint, UploadState};
 
+/// `error` and the causes under it that its message leaves out: object
+/// store's HTTP errors end at "error sending request", while the reason
+/// (refused connection, untrusted certificate) is in their sources.
+fn with_causes(error: &object_store::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(error);
+    while let Some(e) = cause {
+        let message = e.to_string();
+        if !text.contains(&message) {
+            text.push_str(": ");
+            text.push_str(&message);
+        }
+        cause = e.source();
+    }
+    text
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     #[error("cannot set up sink {sink}: {message}")]
     Setup { sink: String, message: String },
-    #[error("writing {key} failed: {source}")]
+    #[error("writing {key} failed: {}", with_causes(source))]
     Write {
         key: String,
         source: object_store::Error,
