@@ -524,3 +524,66 @@ fn guest_panics_reach_the_log_with_the_plugin_name() {
         "{text}"
     );
 }
+
+/// The sandbox in `mod.rs` holds against a plugin that tries: `test-sandbox`
+/// reads a host file, lists directories, writes a file, reads the
+/// environment and arguments (plain `std`), connects to a listening TCP
+/// port, binds UDP and looks up a name (`wasi:sockets`), and reports each
+/// real result. The host checks every attempt failed or saw nothing, and
+/// that nothing happened on the host side (no file written, no connection
+/// accepted).
+#[test]
+fn plugins_cannot_reach_files_env_or_network() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret_text = "silt-sandbox-secret-4f1c9a";
+    let secret = dir.path().join("secret.txt");
+    std::fs::write(&secret, secret_text).unwrap();
+    let written = dir.path().join("written-by-plugin.txt");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    // A variable the host process has, so "not visible" means hidden.
+    let host_path = std::env::var("PATH").expect("the test needs PATH set");
+    let config = json!({
+        "file": secret,
+        "write": written,
+        "env": "PATH",
+        "port": listener.local_addr().unwrap().port(),
+    });
+    let Some(p) = load("test-sandbox", config, PluginLimits::default()) else {
+        return;
+    };
+    let mut p = p.unwrap();
+    let out = p.process(vec![json_event("t", 1, json!({}))]).unwrap();
+    assert_eq!(out.len(), 1, "{out:?}");
+    let text = String::from_utf8(out[0].payload.to_vec()).unwrap();
+    eprintln!("test-sandbox report: {text}");
+    let report: Value = serde_json::from_str(&text).unwrap();
+
+    for probe in [
+        "file",
+        "read_dir_root",
+        "read_dir_cwd",
+        "write",
+        "env_var",
+        "tcp_connect",
+        "udp_bind",
+        "lookup",
+    ] {
+        let outcome = report[probe].as_str().unwrap_or_default();
+        assert!(
+            outcome.starts_with("error: "),
+            "{probe} was not refused: {outcome:?} (report: {text})"
+        );
+    }
+    assert_eq!(report["preopens"], json!([]), "{text}");
+    assert_eq!(report["env_count"], json!(0), "{text}");
+    assert_eq!(report["env_names"], json!([]), "{text}");
+    assert_eq!(report["args_count"], json!(0), "{text}");
+    assert!(!text.contains(secret_text), "{text}");
+    assert!(!text.contains(&host_path), "{text}");
+    assert!(!written.exists(), "the plugin wrote {}", written.display());
+    match listener.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the listener saw a connection: {other:?}"),
+    }
+}
