@@ -181,6 +181,18 @@ pub struct MqttSourceConfig {
     pub topics: Vec<String>,
     #[serde(default = "default_qos")]
     pub qos: u8,
+    /// MQTT protocol version: 3 (3.1.1) or 5.
+    #[serde(default = "default_mqtt_protocol")]
+    pub protocol: u8,
+    /// MQTT 5: how long the broker keeps the session (subscriptions and
+    /// unacked QoS 1 messages) after silt disconnects. A v5 broker drops it
+    /// at once when this is 0, so the default is long.
+    #[serde(default = "default_session_expiry", with = "humantime_serde")]
+    pub session_expiry: Duration,
+    /// MQTT 5: QoS 1 messages the broker may have in flight to silt at a
+    /// time (its own limit applies too); unset leaves it to the broker.
+    #[serde(default)]
+    pub receive_maximum: Option<u16>,
     #[serde(default)]
     pub username: Option<String>,
     #[serde(default)]
@@ -223,6 +235,14 @@ pub struct MqttSourceConfig {
 
 fn default_qos() -> u8 {
     1
+}
+
+fn default_mqtt_protocol() -> u8 {
+    3
+}
+
+fn default_session_expiry() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
 }
 
 fn default_keep_alive() -> Duration {

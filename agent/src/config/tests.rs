@@ -152,6 +152,30 @@ fn graph_errors_name_the_component() {
             "qos 2 is not supported",
         ),
         (
+            format!(
+                "{MINIMAL}\n[sources.m]\ntype = \"mqtt\"\nurl = \"mqtt://h\"\ntopics = [\"a\"]\nprotocol = 4\n"
+            ),
+            "protocol 4 is not supported: use 3 (MQTT 3.1.1) or 5",
+        ),
+        (
+            format!(
+                "{MINIMAL}\n[sources.m]\ntype = \"mqtt\"\nurl = \"mqtt://h\"\ntopics = [\"a\"]\nreceive_maximum = 10\n"
+            ),
+            "is an MQTT 5 property: set `protocol = 5`",
+        ),
+        (
+            format!(
+                "{MINIMAL}\n[sources.m]\ntype = \"mqtt\"\nurl = \"mqtt://h\"\ntopics = [\"a\"]\nprotocol = 5\nreceive_maximum = 0\n"
+            ),
+            "MQTT 5 forbids 0",
+        ),
+        (
+            format!(
+                "{MINIMAL}\n[sources.m]\ntype = \"mqtt\"\nurl = \"mqtt://h\"\ntopics = [\"a\"]\nkeep_alive = \"2s\"\n"
+            ),
+            "must be at least 5s",
+        ),
+        (
             MINIMAL.replace(
                 "path = \"./lake\"",
                 "path = \"./lake\"\nformat = \"parquet\"\ncompression = \"gzip\"",

@@ -2,6 +2,7 @@
 //! key templates, and keys that belong to one sink type only.
 
 use std::collections::{BTreeSet, HashSet};
+use std::time::Duration;
 
 use super::load::{ConfigError, Origins};
 use super::{Compression, Config, Format, SinkConfig, SinkKind, SourceConfig};
@@ -234,6 +235,39 @@ fn validate_source(source: &SourceConfig) -> Result<(), (&'static str, String)> 
                 return Err((
                     "qos",
                     format!("qos {} is not supported: use 0 or 1", mqtt.qos),
+                ));
+            }
+            if !matches!(mqtt.protocol, 3 | 5) {
+                return Err((
+                    "protocol",
+                    format!(
+                        "protocol {} is not supported: use 3 (MQTT 3.1.1) or 5",
+                        mqtt.protocol
+                    ),
+                ));
+            }
+            if mqtt.protocol != 5 && mqtt.receive_maximum.is_some() {
+                return Err((
+                    "receive_maximum",
+                    "`receive_maximum` is an MQTT 5 property: set `protocol = 5`".into(),
+                ));
+            }
+            if mqtt.receive_maximum == Some(0) {
+                return Err((
+                    "receive_maximum",
+                    "must be 1 to 65535 (MQTT 5 forbids 0)".into(),
+                ));
+            }
+            if mqtt.keep_alive < Duration::from_secs(5) {
+                return Err((
+                    "keep_alive",
+                    "must be at least 5s (the MQTT client refuses shorter ones)".into(),
+                ));
+            }
+            if mqtt.session_expiry.as_secs() > u64::from(u32::MAX) {
+                return Err((
+                    "session_expiry",
+                    "at most 4294967295s (about 136 years, which MQTT 5 reads as never)".into(),
                 ));
             }
             if mqtt.password.is_some() && mqtt.password_file.is_some() {
@@ -570,7 +604,13 @@ impl Config {
         let mut out = String::new();
         for (name, source) in &self.sources {
             let kind = match source {
-                SourceConfig::Mqtt(m) => format!("mqtt {} {:?} qos {}", m.url, m.topics, m.qos),
+                SourceConfig::Mqtt(m) => format!(
+                    "mqtt {} {:?} qos {} (MQTT {})",
+                    m.url,
+                    m.topics,
+                    m.qos,
+                    if m.protocol == 5 { "5" } else { "3.1.1" }
+                ),
                 SourceConfig::Http(h) => format!("http {}", h.listen),
             };
             out.push_str(&format!("source    {name} ({kind})\n"));

@@ -4,11 +4,11 @@
 use std::future::Future;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Publish, QoS};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::COMMIT_GROUP;
+use super::link::{Client, Message};
 use super::redelivery::{self, Redelivery};
 use crate::event::now_ms;
 use crate::spool::SpoolError;
@@ -18,7 +18,7 @@ use crate::transform::{Ingest, IngestError};
 pub(super) enum Incoming {
     /// A message with its share of the in-flight byte budget, given back
     /// once it is acked.
-    Publish(Publish, OwnedSemaphorePermit),
+    Message(Message, OwnedSemaphorePermit),
     /// The broker answered a connect with no session for us. The event
     /// loop subscribes only after `forgotten` fires: the marks of the old
     /// session are then durably gone, and every earlier group is acked.
@@ -29,7 +29,7 @@ pub(super) struct Committer {
     pub source: String,
     pub topic_fields: Vec<String>,
     pub ingest: Ingest,
-    pub client: AsyncClient,
+    pub client: Client,
     pub stop: CancellationToken,
 }
 
@@ -44,8 +44,8 @@ impl Committer {
         'recv: while rx.recv_many(&mut received, COMMIT_GROUP).await > 0 {
             for incoming in received.drain(..) {
                 match incoming {
-                    Incoming::Publish(publish, bytes) => {
-                        group.push(publish);
+                    Incoming::Message(message, bytes) => {
+                        group.push(message);
                         held.push(bytes);
                     }
                     Incoming::NewSession { forgotten } => {
@@ -88,7 +88,7 @@ impl Committer {
     /// Commits and acks `group`, leaving it empty, in parts the spool can
     /// take. False when `stop` came while the spool could not take a part:
     /// that part and the rest were neither stored nor acked.
-    async fn commit_group(&self, redelivery: &mut Redelivery, group: &mut Vec<Publish>) -> bool {
+    async fn commit_group(&self, redelivery: &mut Redelivery, group: &mut Vec<Message>) -> bool {
         let cap = self.ingest.commit_bytes_cap();
         while !group.is_empty() {
             let mut bytes = 0;
@@ -100,7 +100,7 @@ impl Committer {
                 })
                 .count()
                 .max(1);
-            let part: Vec<Publish> = group.drain(..n).collect();
+            let part: Vec<Message> = group.drain(..n).collect();
             if !self.commit_part(redelivery, &part).await {
                 tracing::warn!(
                     source = self.source,
@@ -115,7 +115,7 @@ impl Committer {
     }
 
     /// Commits `part` with its redelivery marks, then acks it.
-    async fn commit_part(&self, redelivery: &mut Redelivery, part: &[Publish]) -> bool {
+    async fn commit_part(&self, redelivery: &mut Redelivery, part: &[Message]) -> bool {
         let source = self.source.as_str();
         let filtered = redelivery.filter(part, now_ms());
         if filtered.redelivered > 0 {
@@ -127,9 +127,12 @@ impl Committer {
         }
         let mut events = filtered.events;
         for event in &mut events {
+            // The operator's topic_fields win over a publisher's properties.
+            let from_topic = topic_attributes(&self.topic_fields, &event.topic);
             event
                 .attributes
-                .extend(topic_attributes(&self.topic_fields, &event.topic));
+                .retain(|(name, _)| from_topic.iter().all(|(n, _)| n != name));
+            event.attributes.extend(from_topic);
         }
         let marks = filtered.marks;
         let committed = self
@@ -155,10 +158,8 @@ impl Committer {
                 "mqtt group committed; acking"
             );
         }
-        for publish in part {
-            if publish.qos != QoS::AtMostOnce
-                && let Err(e) = self.client.ack(publish).await
-            {
+        for message in part {
+            if let Err(e) = self.client.ack(message).await {
                 tracing::warn!(source, error = %e, "mqtt ack not sent; the broker will redeliver");
             }
         }

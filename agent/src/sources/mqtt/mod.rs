@@ -9,20 +9,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{
-    AsyncClient, Event as MqttEvent, EventLoop, MqttOptions, Packet, Publish, QoS,
-    SubscribeReasonCode, Transport,
-};
+use rumqttc::QoS;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 mod committer;
+mod link;
 mod redelivery;
 
 use crate::config::MqttSourceConfig;
 use crate::metrics::Metrics;
 use crate::transform::Ingest;
 use committer::{Committer, Incoming};
+use link::{Client, EventLoop, Message, Polled};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
@@ -55,49 +54,11 @@ pub fn parse_broker_url(url: &str) -> Result<(String, u16, bool), String> {
     Ok((host.trim_matches(['[', ']']).to_string(), port, tls))
 }
 
-/// Connection options for `config`; reads the CA file when TLS is used.
-fn options(config: &MqttSourceConfig, client_id: &str) -> Result<MqttOptions, MqttError> {
-    let (host, port, tls) = parse_broker_url(&config.url).map_err(MqttError::Url)?;
-    let mut options = MqttOptions::new(client_id, host, port);
-    options
-        .set_clean_session(false)
-        .set_manual_acks(true)
-        .set_keep_alive(config.keep_alive)
-        // Acks for everything the broker may have in flight must fit, or
-        // the committer would wait on the event loop it feeds.
-        .set_request_channel_capacity(u16::MAX as usize + COMMIT_GROUP);
-    let max_packet = config.max_packet_size.as_u64() as usize;
-    options.set_max_packet_size(max_packet, max_packet);
-    if let Some(user) = &config.username {
-        let password = config.password.as_ref().map_or("", |p| p.expose());
-        options.set_credentials(user, password);
-    }
-    if tls {
-        let transport = match &config.ca_file {
-            Some(path) => {
-                let read = |path: &std::path::PathBuf| {
-                    std::fs::read(path).map_err(|source| MqttError::TlsFile {
-                        path: path.clone(),
-                        source,
-                    })
-                };
-                let client_auth = match (&config.client_cert_file, &config.client_key_file) {
-                    (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
-                    _ => None,
-                };
-                Transport::tls(read(path)?, client_auth, None)
-            }
-            None => Transport::tls_with_default_config(),
-        };
-        options.set_transport(transport);
-    }
-    Ok(options)
-}
-
 pub struct MqttSource {
     name: String,
     config: MqttSourceConfig,
-    options: MqttOptions,
+    client: Client,
+    eventloop: EventLoop,
     ingest: Ingest,
     metrics: Arc<Metrics>,
 }
@@ -119,9 +80,14 @@ impl MqttSource {
             .client_id
             .clone()
             .unwrap_or_else(|| format!("silt-{agent}-{name}"));
+        // Acks for everything the broker may have in flight must fit, or
+        // the committer would wait on the event loop it feeds.
+        let (client, eventloop) =
+            link::build(&config, &client_id, u16::MAX as usize + COMMIT_GROUP)?;
         Ok(MqttSource {
             name: name.to_string(),
-            options: options(&config, &client_id)?,
+            client,
+            eventloop,
             config,
             ingest,
             metrics,
@@ -132,7 +98,7 @@ impl MqttSource {
     /// disconnects, leaving the rest with the broker. A group the spool
     /// cannot take (full, failed disk) is given up at `shutdown` unacked.
     pub async fn run(self, shutdown: CancellationToken) {
-        let (client, eventloop) = AsyncClient::new(self.options, u16::MAX as usize + COMMIT_GROUP);
+        let client = self.client;
         let (tx, rx) = mpsc::channel(COMMIT_GROUP * 2);
         let committer_done = CancellationToken::new();
         let committer = Committer {
@@ -159,7 +125,8 @@ impl MqttSource {
             client: &client,
             metrics: &self.metrics,
         };
-        conn.drive(eventloop, tx, &shutdown, committer_done).await;
+        conn.drive(self.eventloop, tx, &shutdown, committer_done)
+            .await;
         let _ = committer.await;
     }
 }
@@ -172,7 +139,7 @@ struct Connection<'a> {
     topics: &'a [String],
     qos: QoS,
     reconnect_max: Duration,
-    client: &'a AsyncClient,
+    client: &'a Client,
     metrics: &'a Metrics,
 }
 
@@ -180,25 +147,21 @@ impl Connection<'_> {
     /// Asks for the configured subscriptions on the current connection
     /// (again on every connect: a broker without the session forgot them).
     fn subscribe(&self) {
-        let filters = self
-            .topics
-            .iter()
-            .map(|t| rumqttc::SubscribeFilter::new(t.clone(), self.qos));
-        if let Err(e) = self.client.try_subscribe_many(filters) {
+        if let Err(e) = self.client.subscribe(self.topics, self.qos) {
             tracing::error!(source = self.name, error = %e, "mqtt subscribe request failed");
         }
     }
 
-    /// Takes `publish`'s share of the in-flight byte budget. While the
+    /// Takes `message`'s share of the in-flight byte budget. While the
     /// committer holds the rest this waits, and so reads nothing more from
     /// the broker, which keeps the messages. `None` once nothing is acked
     /// any more (the source stops).
     async fn hold(
         &self,
-        publish: &Publish,
+        message: &Message,
         paused_at: &mut Option<std::time::Instant>,
     ) -> Option<OwnedSemaphorePermit> {
-        let cost = (publish.payload.len() + publish.topic.len()).clamp(1, self.budget_max) as u32;
+        let cost = (message.payload.len() + message.topic.len()).clamp(1, self.budget_max) as u32;
         if let Ok(held) = self.budget.clone().try_acquire_many_owned(cost) {
             return Some(held);
         }
@@ -250,18 +213,14 @@ impl Connection<'_> {
                 _ = committer_done.cancelled(), if tx.is_none() => break,
             };
             match polled {
-                Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
+                Ok(Polled::Connected { session_present }) => {
                     failures = 0;
                     connected = true;
                     self.metrics.mqtt_connected(self.name, true);
-                    tracing::info!(
-                        source = self.name,
-                        session_present = ack.session_present,
-                        "mqtt connected"
-                    );
+                    tracing::info!(source = self.name, session_present, "mqtt connected");
                     let Some(tx) = &tx else { continue };
                     subscribe = true;
-                    if !ack.session_present {
+                    if !session_present {
                         let (done, forgotten) = oneshot::channel();
                         if tx
                             .send(Incoming::NewSession { forgotten: done })
@@ -273,24 +232,20 @@ impl Connection<'_> {
                         forgetting = Some(forgotten);
                     }
                 }
-                Ok(MqttEvent::Incoming(Packet::SubAck(ack))) => {
-                    if ack
-                        .return_codes
-                        .iter()
-                        .any(|c| matches!(c, SubscribeReasonCode::Failure))
-                    {
+                Ok(Polled::Subscribed { refused }) => {
+                    if refused {
                         tracing::error!(source = self.name, topics = ?self.topics, "broker refused a subscription; check the topic filters and ACLs");
                     } else {
                         tracing::info!(source = self.name, topics = ?self.topics, "mqtt subscribed");
                     }
                 }
-                Ok(MqttEvent::Incoming(Packet::Publish(publish))) => {
+                Ok(Polled::Message(message)) => {
                     // After shutdown began, unacked messages stay with the broker.
                     let Some(tx) = &tx else { continue };
-                    let Some(held) = self.hold(&publish, &mut paused_at).await else {
+                    let Some(held) = self.hold(&message, &mut paused_at).await else {
                         break;
                     };
-                    if tx.send(Incoming::Publish(publish, held)).await.is_err() {
+                    if tx.send(Incoming::Message(message, held)).await.is_err() {
                         break;
                     }
                 }
@@ -314,10 +269,10 @@ impl Connection<'_> {
             }
         }
         self.metrics.mqtt_connected(self.name, false);
-        let _ = self.client.try_disconnect();
+        self.client.disconnect();
         let flush = async {
-            while let Ok(event) = eventloop.poll().await {
-                if matches!(event, MqttEvent::Outgoing(rumqttc::Outgoing::Disconnect)) {
+            while let Ok(polled) = eventloop.poll().await {
+                if matches!(polled, Polled::Disconnected) {
                     break;
                 }
             }

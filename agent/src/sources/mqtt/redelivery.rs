@@ -34,11 +34,13 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use rumqttc::{Publish, QoS};
+use rumqttc::QoS;
 use sha2::{Digest, Sha256};
 
 use crate::event::Event;
 use crate::spool::Mark;
+
+use super::link::Message;
 
 const PAGE_IDS: usize = 64;
 const DIGEST_LEN: usize = 8;
@@ -63,11 +65,11 @@ pub(super) struct Filtered {
     pub redelivered: usize,
 }
 
-fn digest(publish: &Publish) -> [u8; DIGEST_LEN] {
+fn digest(message: &Message) -> [u8; DIGEST_LEN] {
     let mut h = Sha256::new();
-    h.update((publish.topic.len() as u64).to_le_bytes());
-    h.update(publish.topic.as_bytes());
-    h.update(&publish.payload);
+    h.update((message.topic.len() as u64).to_le_bytes());
+    h.update(message.topic.as_bytes());
+    h.update(&message.payload);
     let mut out = NO_MARK;
     out.copy_from_slice(&h.finalize()[..DIGEST_LEN]);
     out
@@ -149,27 +151,25 @@ impl Redelivery {
     /// Splits `group` into events to store and redeliveries to only ack.
     /// The marks it returns must be committed with the events before the
     /// next call: memory already holds them.
-    pub fn filter(&mut self, group: &[Publish], ts_ms: i64) -> Filtered {
+    pub fn filter(&mut self, group: &[Message], ts_ms: i64) -> Filtered {
         let mut out = Filtered::default();
         let mut touched = BTreeSet::new();
-        for publish in group {
-            if publish.qos == QoS::AtLeastOnce {
-                let digest = digest(publish);
-                let (page, at) = slot(publish.pkid);
+        for message in group {
+            if message.qos == QoS::AtLeastOnce {
+                let digest = digest(message);
+                let (page, at) = slot(message.pkid);
                 let stored = &mut self.page(page)[at..at + DIGEST_LEN];
                 // The original and its redelivery may arrive in one group.
-                if publish.dup && digest != NO_MARK && *stored == digest {
+                if message.dup && digest != NO_MARK && *stored == digest {
                     out.redelivered += 1;
                     continue;
                 }
                 stored.copy_from_slice(&digest);
                 touched.insert(page);
             }
-            out.events.push(Event::new(
-                ts_ms,
-                publish.topic.clone(),
-                publish.payload.clone(),
-            ));
+            let mut event = Event::new(ts_ms, message.topic.clone(), message.payload.clone());
+            event.attributes.clone_from(&message.properties);
+            out.events.push(event);
         }
         if !touched.is_empty() && !self.legacy.is_empty() {
             touched.extend(self.pages.keys().copied());
@@ -188,11 +188,15 @@ impl Redelivery {
 mod tests {
     use super::*;
 
-    fn publish(pkid: u16, dup: bool, payload: &str) -> Publish {
-        let mut p = Publish::new("sensors/a", QoS::AtLeastOnce, payload.as_bytes().to_vec());
-        p.pkid = pkid;
-        p.dup = dup;
-        p
+    fn publish(pkid: u16, dup: bool, payload: &str) -> Message {
+        Message {
+            topic: "sensors/a".into(),
+            payload: payload.as_bytes().to_vec().into(),
+            pkid,
+            qos: QoS::AtLeastOnce,
+            dup,
+            properties: Vec::new(),
+        }
     }
 
     /// What a restart reads back after `filtered` was committed on top of `before`.
