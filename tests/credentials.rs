@@ -32,6 +32,7 @@
 mod harness;
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -716,6 +717,71 @@ async fn keys_from_instance_metadata() {
     );
     assert!(with_token >= 2, "the instance token went with every upload");
     assert_eq!(with_token, tap.signed_by(S3_ACCESS_KEY));
+    let st = agent.sigterm_and_wait(Duration::from_secs(30)).await;
+    assert!(st.success(), "{st}");
+}
+
+/// An instance with no role attached answers 404 for its credentials, as
+/// does a container endpoint that does not know the task: that says nothing
+/// about the batch, so it is held and retried, never dead-lettered, and
+/// goes out once a role is attached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_role_holds_batches_until_one_is_attached() {
+    no_ambient_credentials();
+    let t0 = Instant::now();
+    let s = Scratch::new("creds-no-role");
+    let s3 = S3Server::start(s.path(), "norole");
+    const IMDS_TOKEN: &str = "imds-v2-session-41b7";
+    const ROLE: &str = "silt-late-role";
+    const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
+    let attached = Arc::new(AtomicBool::new(false));
+    let role = attached.clone();
+    let imds = Endpoint::start(None, move |req: &Seen| {
+        match (req.method.as_str(), req.path()) {
+            ("PUT", "/latest/api/token") => (200, "text/plain", IMDS_TOKEN.into()),
+            _ if !role.load(Ordering::SeqCst) => (404, "text/plain", String::new()),
+            ("GET", CREDS) => (200, "text/plain", ROLE.into()),
+            ("GET", p) if p == format!("{CREDS}{ROLE}") => {
+                (200, "application/json", credentials_json("late-session-3c"))
+            }
+            _ => (404, "text/plain", String::new()),
+        }
+    })
+    .await;
+    let endpoint = format!("http://127.0.0.1:{}", imds.port);
+    let (mut agent, port) = start_agent(
+        &s,
+        "gw-no-role",
+        &keyless_sink(&s3, &s3.endpoint(), ""),
+        &[("AWS_METADATA_ENDPOINT", &endpoint)],
+    )
+    .await;
+    let ids = post(port, "held", 10).await;
+    wait_until(deadline(60), "two refused credential requests", || {
+        imds.seen()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path() == CREDS)
+            .count()
+            >= 2
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_run()));
+    let log = agent.log_run();
+    assert!(
+        !log.contains("went to dead-letter"),
+        "a missing role dead-lettered the batch:\n{log}"
+    );
+    attached.store(true, Ordering::SeqCst);
+    let snap = S3Lake::new(&s3).wait_for(&ids, deadline(60), t0).await;
+    let snap = snap.unwrap_or_else(|e| panic!("{e}\n{}", agent.log_run()));
+    assert_eq!(snap.records.len(), 10, "each event once");
+    note(
+        t0,
+        format!(
+            "role attached after {} metadata requests; 10 events in the bucket",
+            imds.seen().len()
+        ),
+    );
     let st = agent.sigterm_and_wait(Duration::from_secs(30)).await;
     assert!(st.success(), "{st}");
 }

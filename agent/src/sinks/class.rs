@@ -65,6 +65,17 @@ fn classify_store_error(e: &object_store::Error) -> ErrorClass {
         E::NotSupported { .. } | E::NotImplemented { .. } => {
             ErrorClass::Permanent("NotSupported".into())
         }
+        E::Generic { .. } if credential_failure(&text) => {
+            // A request that got no answer or a retryable one is an outage;
+            // a refusal, a missing token file or a bad answer needs a person.
+            let status = http_status(&text);
+            match classify_status(status, code) {
+                ErrorClass::Transient if status.is_some() || text.contains("Error performing") => {
+                    ErrorClass::Transient
+                }
+                _ => ErrorClass::Operator("CredentialsUnavailable".into()),
+            }
+        }
         _ => classify_status(http_status(&text), code),
     }
 }
@@ -85,6 +96,25 @@ fn classify_status(status: Option<u16>, code: Option<&str>) -> ErrorClass {
         }
         Some(_) => ErrorClass::Transient,
     }
+}
+
+/// Whether `text` is a failure of object_store's credential chain, not of
+/// the write: its status (an instance with no role answers 404, a container
+/// endpoint 401) says nothing about the batch. object_store marks the
+/// requests of STS and the container endpoint sensitive, so their URL reads
+/// `REDACTED`; instance metadata keeps its well-known paths; token files and
+/// bad answers have messages of their own.
+fn credential_failure(text: &str) -> bool {
+    const MARKS: [&str; 7] = [
+        "Error performing POST REDACTED",
+        "Error performing GET REDACTED",
+        "/latest/api/token",
+        "/latest/meta-data/iam/",
+        "token file '",
+        "AssumeRoleWithWebIdentity response",
+        "CreateSession",
+    ];
+    MARKS.iter().any(|mark| text.contains(mark))
 }
 
 /// The status of `... status code: 400 Bad Request ...`.
@@ -205,6 +235,35 @@ mod tests {
         assert_eq!(
             classify_store_error(&missing),
             ErrorClass::Operator("NoSuchBucket".into())
+        );
+    }
+
+    #[test]
+    fn a_credential_chain_failure_never_dead_letters() {
+        let generic = |text: &str| object_store::Error::Generic {
+            store: "S3",
+            source: text.to_string().into(),
+        };
+        let no_role = "Error performing GET http://169.254.169.254/latest/meta-data/iam/security-credentials/ \
+                       in 2ms - Server returned non-2xx status code: 404 Not Found: ";
+        let sts = "Error performing POST REDACTED in 9ms - Server returned non-2xx status code: 400 Bad Request: ";
+        let token =
+            "Failed to read token file '/var/run/token': No such file or directory (os error 2)";
+        let down = "Error performing PUT http://169.254.169.254/latest/api/token in 1s - \
+                    Server returned non-2xx status code: 503 Service Unavailable: ";
+        assert_eq!(classify_store_error(&generic(down)), ErrorClass::Transient);
+        for text in [no_role, sts, token] {
+            assert_eq!(
+                classify_store_error(&generic(text)),
+                ErrorClass::Operator("CredentialsUnavailable".into()),
+                "{text}"
+            );
+        }
+        let put = status_text("400 Bad Request", "InvalidStorageClass");
+        assert_eq!(
+            classify_store_error(&generic(&put)),
+            ErrorClass::Permanent("InvalidStorageClass".into()),
+            "a write the store refuses still dead-letters"
         );
     }
 }
