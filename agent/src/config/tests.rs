@@ -559,6 +559,13 @@ fn bad_site_overlay_names_its_file_and_line() {
 }
 
 #[test]
+fn packaged_config_loads_as_installed() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/debian/etc");
+    let config = load(&dir).unwrap_or_else(|e| panic!("{} does not load: {e}", dir.display()));
+    assert_eq!(config.agent.data_dir, Path::new("/var/lib/silt"));
+}
+
+#[test]
 fn shipped_fleet_example_loads() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/fleet");
     let (config, text) =
