@@ -437,7 +437,8 @@ async fn keys_from_the_environment() {
     // Its batch can never upload: a SIGTERM would wait out shutdown_timeout.
     wrong.kill9();
 
-    // The right pair.
+    // The right pair. An S3 endpoint in the device's environment does not
+    // move the sink off the endpoint its config names.
     let (mut agent, port) = start_agent(
         &s,
         "gw-env",
@@ -445,6 +446,7 @@ async fn keys_from_the_environment() {
         &[
             ("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY),
             ("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY),
+            ("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9"),
         ],
     )
     .await;

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::{BackoffConfig, Certificate, ClientOptions, RetryConfig};
 
 use crate::config::SinkConfig;
@@ -37,7 +37,10 @@ pub(super) fn build(config: &SinkConfig) -> Result<Arc<AmazonS3>, String> {
     }
     builder = builder.with_client_options(client);
     if let Some(endpoint) = &config.endpoint {
+        // AWS_ENDPOINT_URL_S3 from the environment would win over
+        // `with_endpoint` at build; the config's endpoint is the operator's.
         builder = builder
+            .with_config(AmazonS3ConfigKey::S3Endpoint, endpoint)
             .with_endpoint(endpoint)
             .with_virtual_hosted_style_request(false)
             .with_allow_http(endpoint.starts_with("http://"));
