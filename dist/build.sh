@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# Build the `silt` binary for one target and put it at target/dist/TARGET/silt:
+#
+#     dist/build.sh TARGET [--dev]
+#
+#   TARGET  x86_64-unknown-linux-gnu       (Debian arch amd64)
+#           aarch64-unknown-linux-gnu      (arm64: Raspberry Pi 3/4/5, Jetson, ...)
+#           armv7-unknown-linux-gnueabihf  (armhf: 32-bit Raspberry Pi OS, ...)
+#   --dev   the dev profile instead of release (faster to compile; CI smoke tests)
+#
+# Toolchain, first that works:
+#   1. TARGET is the host: plain `cargo build` (rustup's cargo), target/{release,debug}.
+#   2. rustup has TARGET installed: `cargo build --target TARGET` with the
+#      cross gcc as linker, in target/cross.
+#   3. Debian's Rust (rustc-web 1.96, same as plugins/build.sh) building std for
+#      TARGET from source (-Zbuild-std, hence RUSTC_BOOTSTRAP), linked by
+#      Debian's cross gcc, in target/cross (its own target dir: another rustc
+#      would invalidate every artifact of the host builds in target/).
+# The C code in the tree (aws-lc-sys, ring, zstd-sys, wasmtime's helpers) is
+# compiled with the same cross gcc (CC_<target>, AR_<target>).
+# Missing Debian packages are installed (apt needs root). Re-running is cheap:
+# cargo does nothing when sources are unchanged.
+#
+# armv7: wasmtime has no 32-bit ARM code generator; it runs plugins with its
+# Pulley interpreter there (chosen by wasmtime's build script for hosts
+# Cranelift cannot target; plugins run slower than native code).
+#
+# Afterwards, if dist/deb.sh exists: dist/deb.sh BINARY DEBIAN_ARCH target/dist/TARGET.
+# Prints the path of the binary on stdout.
+set -euo pipefail
+# One { } group, read whole before it runs: editing this file meanwhile is safe.
+{
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+
+target=""
+profile=release
+for arg in "$@"; do
+    case "$arg" in
+    --dev) profile=dev ;;
+    -h | --help)
+        awk 'NR > 1 && !/^#/ { exit } NR > 1' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+        exit 0
+        ;;
+    -*)
+        echo "build.sh: unknown argument '$arg' (try --help)" >&2
+        exit 2
+        ;;
+    *)
+        [[ -z "$target" ]] || {
+            echo "build.sh: only one TARGET, got '$target' and '$arg'" >&2
+            exit 2
+        }
+        target="$arg"
+        ;;
+    esac
+done
+[[ -n "$target" ]] || {
+    echo "usage: dist/build.sh TARGET [--dev]   (try --help)" >&2
+    exit 2
+}
+
+log() { echo "build.sh: $*" >&2; }
+die() {
+    log "error: $*"
+    exit 1
+}
+
+# TARGET -> Debian architecture, GNU triple of the cross gcc, its Debian packages.
+case "$target" in
+x86_64-unknown-linux-gnu)
+    deb_arch=amd64 gnu=x86_64-linux-gnu cross_pkgs=(gcc-x86-64-linux-gnu libc6-dev-amd64-cross)
+    ;;
+aarch64-unknown-linux-gnu)
+    deb_arch=arm64 gnu=aarch64-linux-gnu cross_pkgs=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
+    ;;
+armv7-unknown-linux-gnueabihf)
+    deb_arch=armhf gnu=arm-linux-gnueabihf cross_pkgs=(gcc-arm-linux-gnueabihf libc6-dev-armhf-cross)
+    ;;
+*) die "unsupported target '$target' (x86_64-unknown-linux-gnu, aarch64-unknown-linux-gnu, armv7-unknown-linux-gnueabihf)" ;;
+esac
+
+# cargo's directory name for the profile.
+profile_dir=$([[ $profile == dev ]] && echo debug || echo release)
+out_dir="$repo/target/dist/$target"
+
+missing_pkgs() {
+    local p
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || echo "$p"
+    done
+}
+
+ensure_pkgs() {
+    local missing=()
+    mapfile -t missing < <(missing_pkgs "$@")
+    ((${#missing[@]})) || return 0
+    [[ $(id -u) -eq 0 ]] || die "missing Debian packages ${missing[*]}; run as root or: sudo apt-get install -y ${missing[*]}"
+    log "installing ${missing[*]} (apt)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+host_triple() { rustc -vV 2>/dev/null | sed -n 's/^host: //p'; }
+
+have_rustup_target() {
+    command -v rustup >/dev/null 2>&1 &&
+        rustup target list --installed 2>/dev/null | grep -qx "$target"
+}
+
+# The environment every cross build needs: the cross gcc links the binary and
+# compiles the C code of the -sys crates.
+cross_env() {
+    local t_up="${target//-/_}"
+    t_up="${t_up^^}"
+    cross_vars=(
+        "CARGO_TARGET_${t_up}_LINKER=$gnu-gcc"
+        "CC_${target//-/_}=$gnu-gcc"
+        "AR_${target//-/_}=$gnu-ar"
+    )
+}
+
+start=$SECONDS
+cargo_args=(build -p silt-agent --bin silt --locked)
+[[ $profile == release ]] && cargo_args+=(--release)
+
+if [[ "$target" == "$(host_triple)" ]]; then
+    log "toolchain: $(rustc --version) (host), profile $profile"
+    cargo "${cargo_args[@]}"
+    built="${CARGO_TARGET_DIR:-$repo/target}/$profile_dir/silt"
+else
+    ensure_pkgs "${cross_pkgs[@]}"
+    command -v "$gnu-gcc" >/dev/null || die "$gnu-gcc not found after installing ${cross_pkgs[*]}"
+    cross_env
+    cross_dir="${SILT_CROSS_TARGET_DIR:-$repo/target/cross}"
+    if have_rustup_target; then
+        log "toolchain: $(rustc --version) with rustup's $target, profile $profile"
+        env "${cross_vars[@]}" \
+            cargo "${cargo_args[@]}" --target "$target" --target-dir "$cross_dir/rustup"
+        built="$cross_dir/rustup/$target/$profile_dir/silt"
+    else
+        ensure_pkgs rustc-web cargo-web rust-web-src
+        [[ -d /usr/lib/rustlib/src/rust/library ]] || die "rust-web-src is installed but /usr/lib/rustlib/src/rust/library is missing"
+        log "toolchain: Debian rustc $(/usr/bin/rustc --version | cut -d' ' -f2) with -Zbuild-std for $target, profile $profile"
+        # RUSTC_BOOTSTRAP: -Zbuild-std is nightly-only. Debian's std sources only
+        # build with Debian's compiler, so RUSTC (and cargo) must be Debian's.
+        env "${cross_vars[@]}" \
+            RUSTC=/usr/bin/rustc \
+            RUSTDOC=/usr/bin/rustdoc \
+            RUSTC_BOOTSTRAP=1 \
+            /usr/bin/cargo "${cargo_args[@]}" --target "$target" --target-dir "$cross_dir" \
+            -Zbuild-std=std,panic_abort
+        built="$cross_dir/$target/$profile_dir/silt"
+    fi
+fi
+
+[[ -f "$built" ]] || die "cargo succeeded but $built is missing"
+mkdir -p "$out_dir"
+# Copy then rename: a smoke test starting meanwhile never runs half a file.
+cp "$built" "$out_dir/silt.tmp.$$" && mv -f "$out_dir/silt.tmp.$$" "$out_dir/silt"
+log "built $out_dir/silt ($profile, $(stat -c %s "$out_dir/silt") bytes) in $((SECONDS - start)) s"
+
+# Debian package step (dist/deb.sh, when present).
+if [[ -f "$repo/dist/deb.sh" ]]; then
+    log "packaging: dist/deb.sh target/dist/$target/silt $deb_arch target/dist/$target"
+    bash dist/deb.sh "target/dist/$target/silt" "$deb_arch" "target/dist/$target"
+fi
+
+echo "$out_dir/silt"
+exit
+}
