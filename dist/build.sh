@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Build the `silt` binary for one target and put it at target/dist/TARGET/silt:
+# Build the `silt` binary for one target and put it, stripped, at
+# target/dist/TARGET/silt, with its debug info (line tables) in silt.debug beside
+# it (.gnu_debuglink: gdb, perf and Rust backtraces find it there):
 #
 #     dist/build.sh TARGET [--dev]
 #
@@ -157,9 +159,26 @@ fi
 
 [[ -f "$built" ]] || die "cargo succeeded but $built is missing"
 mkdir -p "$out_dir"
-# Copy then rename: a smoke test starting meanwhile never runs half a file.
-cp "$built" "$out_dir/silt.tmp.$$" && mv -f "$out_dir/silt.tmp.$$" "$out_dir/silt"
-log "built $out_dir/silt ($profile, $(stat -c %s "$out_dir/silt") bytes) in $((SECONDS - start)) s"
+# Ship the binary stripped; its debug info (line tables: panic locations,
+# perf) goes to silt.debug beside it, found through .gnu_debuglink by gdb,
+# perf and Rust's backtraces. Built in temp files, then renamed: a smoke test
+# starting meanwhile never runs half a file.
+objcopy="$gnu-objcopy"
+command -v "$objcopy" >/dev/null || objcopy=objcopy
+command -v "$objcopy" >/dev/null || die "no objcopy for $target (binutils)"
+tmp_bin="$out_dir/silt.tmp.$$"
+tmp_dbg="$out_dir/silt.debug.tmp.$$"
+trap 'rm -f "$tmp_bin" "$tmp_dbg"' EXIT
+"$objcopy" --only-keep-debug "$built" "$tmp_dbg"
+# The debuglink names the file as it will be called (silt.debug); objcopy
+# reads it from the path given, so link from the final name's directory.
+(
+    cd "$out_dir"
+    mv -f "$(basename "$tmp_dbg")" silt.debug
+    "$objcopy" --strip-all --add-gnu-debuglink=silt.debug "$built" "$(basename "$tmp_bin")"
+)
+mv -f "$tmp_bin" "$out_dir/silt"
+log "built $out_dir/silt ($profile, $(stat -c %s "$out_dir/silt") bytes stripped; $(stat -c %s "$built") with debug info, which is in silt.debug) in $((SECONDS - start)) s"
 
 # Debian package step (dist/deb.sh, when present).
 if [[ -f "$repo/dist/deb.sh" ]]; then
