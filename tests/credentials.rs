@@ -141,7 +141,7 @@ impl Endpoint {
     where
         H: Fn(&Seen) -> Reply + Send + Sync + 'static,
     {
-        let acceptor = tls.map(acceptor);
+        let acceptor = tls.map(pki::acceptor);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -174,24 +174,6 @@ impl Drop for Endpoint {
     fn drop(&mut self) {
         self.task.abort();
     }
-}
-
-fn acceptor(cert: &pki::Issued) -> tokio_rustls::TlsAcceptor {
-    use rustls::pki_types::pem::PemObject;
-    let chain = rustls::pki_types::CertificateDer::pem_file_iter(&cert.cert_file)
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&cert.key_file).unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(chain, key)
-    .unwrap();
-    tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
 async fn serve<S, H>(mut conn: S, handler: &H, log: &Mutex<Vec<Seen>>)

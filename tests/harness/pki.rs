@@ -205,3 +205,21 @@ pub async fn post_once(
     let mut stream = connect(port, ca_file, client).await?;
     post(&mut stream, path, token, body).await
 }
+
+/// A TLS acceptor serving `cert` (server side of a test's HTTPS/TLS peer).
+pub fn acceptor(cert: &Issued) -> tokio_rustls::TlsAcceptor {
+    let chain = CertificateDer::pem_file_iter(&cert.cert_file)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(&cert.key_file).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
