@@ -87,9 +87,11 @@ async fn large_upload_bounded_memory_byte_identical() {
         mib(peak.saturating_sub(idle))
     ));
     assert_eq!(parts, 25, "200 MiB in 8 MiB parts");
+    // One 8 MiB part in memory at a time, plus the HTTP clients' buffers;
+    // four parts' worth means buffers are kept or read ahead.
     assert!(
-        peak.saturating_sub(idle) < 64 * MIB,
-        "agent memory grew by {:.1} MiB (idle {:.1} MiB, peak {:.1} MiB) for a 200 MiB upload; expected < 64 MiB",
+        peak.saturating_sub(idle) < 32 * MIB,
+        "agent memory grew by {:.1} MiB (idle {:.1} MiB, peak {:.1} MiB) for a 200 MiB upload; expected < 32 MiB",
         mib(peak.saturating_sub(idle)),
         mib(idle),
         mib(peak)

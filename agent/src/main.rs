@@ -336,6 +336,7 @@ fn run(path: Option<PathBuf>) -> anyhow::Result<()> {
         Some(path) => silt::config::load(path)?,
         None => silt::config::load_str(QUICKSTART, "<built-in configs/quickstart.toml>")?,
     };
+    return_large_buffers_to_the_system();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
@@ -355,6 +356,20 @@ fn run(path: Option<PathBuf>) -> anyhow::Result<()> {
         };
         silt::run_with_reload(config, shutdown, reloader).await
     })
+}
+
+/// glibc raises its mmap threshold each time a large block is freed, after
+/// which 8 MiB multipart parts come from per-thread arenas that keep them:
+/// a 200 MiB upload then grew the agent by 20 to 68 MiB depending on which
+/// threads did the reads. A fixed threshold keeps every block of 1 MiB or
+/// more in its own mapping, returned on free (growth 11-12 MiB, 10 runs).
+fn return_large_buffers_to_the_system() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters and is called before
+    // the runtime starts any thread.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
 }
 
 async fn wait_for_signal() {
