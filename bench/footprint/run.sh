@@ -50,6 +50,7 @@ MQTT_BASELINE=${MQTT_BASELINE:-rumqttc} # rumqttc | mosquitto_sub
 DRAIN_MIB=${DRAIN_MIB:-1024}           # backlog size for the drain
 DRAIN_N=${DRAIN_N:-$(( DRAIN_MIB * 1048576 / SIZE ))}
 BATCH_MAX_AGE=${BATCH_MAX_AGE:-1s}     # sink batch = 10000 records / 8MiB / this
+GZIP_LEVEL=${GZIP_LEVEL:-6}            # the sink's compression_level (silt's default is 6)
 SPOOL_MAX_BYTES=${SPOOL_MAX_BYTES:-64GiB} # well above the drain backlog
 SETTLE=${SETTLE:-2}                    # seconds after the load (S3 down) before reading
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-3600}   # per wait
@@ -269,6 +270,7 @@ access_key_id = "$S3_KEY"
 secret_access_key = "$S3_SECRET"
 key = "{sink}/year={yyyy}/month={MM}/day={dd}/hour={HH}/{agent}-{batch}.ndjson.gz"
 compression = "gzip"
+compression_level = $GZIP_LEVEL
 batch = { max_records = 10000, max_bytes = "8MiB", max_age = "$BATCH_MAX_AGE" }
 retry_max = "1s"
 CONF
@@ -500,6 +502,7 @@ echo "==> result (medians over $RUNS run(s); $(nproc) cores, load before $LOAD_B
     --set "http_format=$HTTP_FORMAT" --set "mqtt_n=$MQTT_N" --set "mqtt_windows=$MQTT_WINDOWS" \
     --set "mqtt_publishers=$MQTT_PUBLISHERS" --set "mqtt_pub_inflight=$MQTT_PUB_INFLIGHT" \
     --set "mqtt_baseline=$MQTT_BASELINE" --set "drain_n=$DRAIN_N" --set "batch_max_age=$BATCH_MAX_AGE" \
+    --set "gzip_level=$GZIP_LEVEL" \
     --set "runs=$RUNS" --set "wall_secs=$(( $(date +%s) - T_START ))"
 echo "    (x mosq = silt's intake rate / the broker's own delivery rate; disk W/B = bytes written"
 echo "     by silt per payload byte; spool/B = spool on disk per payload byte held, S3 down)"
