@@ -177,12 +177,12 @@ impl KeyTemplate {
                 Part::Literal(s) => out.push_str(s),
                 Part::Agent => out.push_str(agent),
                 Part::Sink => out.push_str(sink),
-                // Runs per event on the spool writer: write in place.
-                Part::Year => write!(out, "{:04}", t.year()).expect("to a String"),
-                Part::Month => write!(out, "{:02}", u8::from(t.month())).expect("to a String"),
-                Part::Day => write!(out, "{:02}", t.day()).expect("to a String"),
-                Part::Hour => write!(out, "{:02}", t.hour()).expect("to a String"),
-                Part::Minute => write!(out, "{:02}", t.minute()).expect("to a String"),
+                // Runs per event on the spool writer: no `fmt`.
+                Part::Year => push_padded(&mut out, t.year().clamp(0, 9999) as u32, 4),
+                Part::Month => push_padded(&mut out, u8::from(t.month()).into(), 2),
+                Part::Day => push_padded(&mut out, t.day().into(), 2),
+                Part::Hour => push_padded(&mut out, t.hour().into(), 2),
+                Part::Minute => push_padded(&mut out, t.minute().into(), 2),
                 Part::Batch => {
                     if let Some(batch) = batch {
                         write!(out, "{batch:010}").expect("to a String")
@@ -218,6 +218,13 @@ fn scalar_text(value: &serde_json::Value) -> Option<String> {
 
 /// Appends a data value as one safe path segment: characters that would
 /// add segments or need escaping in S3 keys and Hive paths become `_`.
+/// `n` in decimal, zero-padded to `width` digits (`n` has at most `width`).
+fn push_padded(out: &mut String, n: u32, width: u32) {
+    for i in (0..width).rev() {
+        out.push(char::from(b'0' + (n / 10u32.pow(i) % 10) as u8));
+    }
+}
+
 fn push_value(out: &mut String, value: Option<&str>) {
     match value {
         None | Some("") | Some(".") | Some("..") => out.push_str(MISSING),
