@@ -363,14 +363,19 @@ fn run(path: Option<PathBuf>) -> anyhow::Result<()> {
 /// rises after each large free so later 8 MiB multipart parts stay in those
 /// arenas (a 200 MiB upload grew the agent by 20-68 MiB, the identity plugin
 /// bench peaked at 80 MiB). Two arenas and a fixed 4 MiB threshold: 11-12 MiB
-/// and 60 MiB, with no measurable CPU cost (bench/footprint, 3 runs).
+/// and 50-60 MiB, with no measurable CPU cost (bench/footprint, 3 runs).
+/// glibc's own variables, when an operator sets them, win.
 fn tune_allocator_for_a_small_device() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters and is called before
-    // the runtime starts any thread.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+    for (variable, parameter, value) in [
+        ("MALLOC_ARENA_MAX", libc::M_ARENA_MAX, 2),
+        ("MALLOC_MMAP_THRESHOLD_", libc::M_MMAP_THRESHOLD, 4 << 20),
+    ] {
+        if std::env::var_os(variable).is_none() {
+            // SAFETY: mallopt only changes allocator parameters and runs
+            // before the runtime starts any thread.
+            unsafe { libc::mallopt(parameter, value) };
+        }
     }
 }
 
