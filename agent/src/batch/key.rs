@@ -216,8 +216,6 @@ fn scalar_text(value: &serde_json::Value) -> Option<String> {
     }
 }
 
-/// Appends a data value as one safe path segment: characters that would
-/// add segments or need escaping in S3 keys and Hive paths become `_`.
 /// `n` in decimal, zero-padded to `width` digits (`n` has at most `width`).
 fn push_padded(out: &mut String, n: u32, width: u32) {
     for i in (0..width).rev() {
@@ -225,6 +223,8 @@ fn push_padded(out: &mut String, n: u32, width: u32) {
     }
 }
 
+/// Appends a data value as one safe path segment: characters that would
+/// add segments or need escaping in S3 keys and Hive paths become `_`.
 fn push_value(out: &mut String, value: Option<&str>) {
     match value {
         None | Some("") | Some(".") | Some("..") => out.push_str(MISSING),
