@@ -87,29 +87,9 @@ esac
 profile_dir=$([[ $profile == dev ]] && echo debug || echo release)
 out_dir="$repo/target/dist/$target"
 
-missing_pkgs() {
-    local p
-    for p in "$@"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || echo "$p"
-    done
-}
-
-ensure_pkgs() {
-    local missing=()
-    mapfile -t missing < <(missing_pkgs "$@")
-    ((${#missing[@]})) || return 0
-    [[ $(id -u) -eq 0 ]] || die "missing Debian packages ${missing[*]}; run as root or: sudo apt-get install -y ${missing[*]}"
-    log "installing ${missing[*]} (apt)"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-}
+source "$repo/dist/debian-pkgs.sh"
 
 host_triple() { rustc -vV 2>/dev/null | sed -n 's/^host: //p'; }
-
-have_rustup_target() {
-    command -v rustup >/dev/null 2>&1 &&
-        rustup target list --installed 2>/dev/null | grep -qx "$target"
-}
 
 # The environment every cross build needs: the cross gcc links the binary and
 # compiles the C code of the -sys crates.
@@ -132,17 +112,17 @@ if [[ "$target" == "$(host_triple)" ]]; then
     cargo "${cargo_args[@]}"
     built="${CARGO_TARGET_DIR:-$repo/target}/$profile_dir/silt"
 else
-    ensure_pkgs "${cross_pkgs[@]}"
+    ensure_debian_pkgs "${cross_pkgs[@]}"
     command -v "$gnu-gcc" >/dev/null || die "$gnu-gcc not found after installing ${cross_pkgs[*]}"
     cross_env
     cross_dir="${SILT_CROSS_TARGET_DIR:-$repo/target/cross}"
-    if have_rustup_target; then
+    if have_rustup_target "$target"; then
         log "toolchain: $(rustc --version) with rustup's $target, profile $profile"
         env "${cross_vars[@]}" \
             cargo "${cargo_args[@]}" --target "$target" --target-dir "$cross_dir/rustup"
         built="$cross_dir/rustup/$target/$profile_dir/silt"
     else
-        ensure_pkgs rustc-web cargo-web rust-web-src
+        ensure_debian_pkgs rustc-web cargo-web rust-web-src
         [[ -d /usr/lib/rustlib/src/rust/library ]] || die "rust-web-src is installed but /usr/lib/rustlib/src/rust/library is missing"
         log "toolchain: Debian rustc $(/usr/bin/rustc --version | cut -d' ' -f2) with -Zbuild-std for $target, profile $profile"
         # RUSTC_BOOTSTRAP: -Zbuild-std is nightly-only. Debian's std sources only

@@ -57,36 +57,19 @@ die() {
     exit 1
 }
 
-have_rustup_target() {
-    command -v rustup >/dev/null 2>&1 &&
-        rustup target list --installed 2>/dev/null | grep -qx "$target"
-}
+source "$here/../dist/debian-pkgs.sh"
 
 debian_pkgs=(rustc-web cargo-web rust-web-src wasi-libc lld-22)
 
-missing_debian_pkgs() {
-    local p
-    for p in "${debian_pkgs[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || echo "$p"
-    done
-}
-
 # True when a build needs no installs (what --check reports).
 toolchain_ready() {
-    have_rustup_target && return 0
-    [[ -z "$(missing_debian_pkgs)" && -x /usr/lib/llvm-22/bin/wasm-ld &&
+    have_rustup_target "$target" && return 0
+    [[ -z "$(missing_debian_pkgs "${debian_pkgs[@]}")" && -x /usr/lib/llvm-22/bin/wasm-ld &&
         -d /usr/lib/wasm32-wasi && -x "$tools/bin/wasm-component-ld" ]]
 }
 
 ensure_debian_toolchain() {
-    local missing=()
-    mapfile -t missing < <(missing_debian_pkgs)
-    if ((${#missing[@]})); then
-        [[ $(id -u) -eq 0 ]] || die "missing Debian packages ${missing[*]}; run as root or: sudo apt-get install -y ${missing[*]}"
-        log "installing ${missing[*]} (apt)"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-    fi
+    ensure_debian_pkgs "${debian_pkgs[@]}"
     [[ -x /usr/lib/llvm-22/bin/wasm-ld ]] || die "lld-22 is installed but /usr/lib/llvm-22/bin/wasm-ld is missing"
     [[ -d /usr/lib/wasm32-wasi ]] || die "wasi-libc is installed but /usr/lib/wasm32-wasi is missing"
 
@@ -120,7 +103,7 @@ build_debian() {
 }
 
 build() {
-    if have_rustup_target; then
+    if have_rustup_target "$target"; then
         build_rustup "$@"
     else
         build_debian "$@"
