@@ -56,8 +56,18 @@ pub fn plugin_wasm(name: &str) -> Option<PathBuf> {
 
 /// A loopback port that was free a moment ago (bind to :0, read, release).
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
-    l.local_addr().unwrap().port()
+    // The listener closes on return, so the kernel may hand the same port
+    // out again before its user binds it (CI once gave an agent's API and
+    // its HTTP source one port); never return a port twice.
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
+        let port = l.local_addr().unwrap().port();
+        if GIVEN.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
 }
 
 /// Deadline `secs` seconds from now.
