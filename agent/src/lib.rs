@@ -17,6 +17,8 @@ pub mod reload;
 pub mod sinks;
 pub mod sources;
 pub mod spool;
+#[cfg(feature = "iceberg")]
+pub mod table;
 pub mod transform;
 
 use std::collections::HashMap;

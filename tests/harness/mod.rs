@@ -18,6 +18,7 @@ pub mod media;
 pub mod mqtt;
 pub mod payload;
 pub mod pki;
+pub mod postgres;
 pub mod procs;
 pub mod python;
 pub mod tmpfs;

@@ -32,8 +32,9 @@ pub const MAX_KEY_LEN: usize = 1024;
 /// digits, and a conflict moves a batch to a key with `-r{ms}-{n}` added.
 const KEY_RESERVE: usize = 10 + 24;
 
+/// One piece of a key template.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Part {
+pub enum Part {
     Literal(String),
     Agent,
     Sink,
@@ -58,6 +59,10 @@ pub const PLACEHOLDERS: &str =
     "{agent} {sink} {yyyy} {MM} {dd} {HH} {mm} {batch} {attr.NAME} {field.NAME}";
 
 impl KeyTemplate {
+    pub fn parts(&self) -> &[Part] {
+        &self.parts
+    }
+
     pub fn parse(template: &str) -> Result<KeyTemplate, String> {
         let mut parts = Vec::new();
         let mut rest = template;

@@ -13,6 +13,8 @@ mod media;
 mod object;
 mod parquet;
 mod progress;
+#[cfg(feature = "iceberg")]
+mod table_commit;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -29,9 +31,11 @@ use crate::sinks::{ErrorClass, Sink, SinkError, Written, shorten};
 use crate::spool::{BatchMeta, SealRule, SinkId, SinkSpec, Spool, SpoolError};
 pub use dead_letter::REPLAY_SCAN_EVERY;
 pub use encode::{encode_ndjson, rfc3339_ms};
-pub use key::{KeyTemplate, MAX_KEY_LEN, MAX_VALUE_LEN, TOO_LONG};
+pub use key::{KeyTemplate, MAX_KEY_LEN, MAX_VALUE_LEN, Part as TemplatePart, TOO_LONG};
 pub use object::CONTENT_TYPE_ATTRIBUTE;
 use object::{Encoding, Object};
+#[cfg(feature = "iceberg")]
+pub use parquet::{ParquetOptions, columns_of, writer_properties};
 
 pub struct Batcher {
     sink: SinkId,
@@ -48,6 +52,10 @@ pub struct Batcher {
     metrics: Arc<Metrics>,
     dead_letters: BatchDeadLetters,
     progress: std::sync::Mutex<progress::BacklogProgress>,
+    #[cfg(feature = "iceberg")]
+    table: Option<crate::table::TableSink>,
+    #[cfg(feature = "iceberg")]
+    held: std::sync::Mutex<table_commit::Held>,
 }
 
 /// The longest wait before retrying a step the spool refused.
@@ -106,13 +114,25 @@ impl Batcher {
         if config.format == Format::Raw {
             batch.max_records = 1;
         }
+        let key = KeyTemplate::parse(&config.key())?;
+        #[cfg(feature = "iceberg")]
+        let table = config.table.as_ref().map(|table| {
+            crate::table::TableSink::new(
+                &context.agent,
+                name,
+                config,
+                table,
+                key.parts(),
+                object::parquet_options(config.compression(), config.row_group_size),
+            )
+        });
         Ok(Batcher {
             sink: context.sink,
             name: name.to_string(),
             agent: context.agent,
             spool: context.spool,
             target,
-            key: KeyTemplate::parse(&config.key())?,
+            key,
             batch,
             encoding: Encoding::of(config),
             media: media::MediaSink {
@@ -128,6 +148,10 @@ impl Batcher {
             metrics: context.metrics,
             dead_letters: context.dead_letters,
             progress: Default::default(),
+            #[cfg(feature = "iceberg")]
+            table,
+            #[cfg(feature = "iceberg")]
+            held: Default::default(),
         })
     }
 
@@ -190,6 +214,13 @@ impl Batcher {
             }
         }
         let draining = drain.is_cancelled();
+        #[cfg(feature = "iceberg")]
+        if let Some(table) = &self.table
+            && (draining || self.commit_due_in(table) == Some(Duration::ZERO))
+            && !self.commit_held(table, stop).await?
+        {
+            return Ok(Step::Done);
+        }
         let stats = self.spool.stats(self.sink);
         let age = stats
             .oldest_unsealed_ms
@@ -212,6 +243,11 @@ impl Batcher {
         let wait = match age {
             Some(a) => self.batch.max_age.saturating_sub(a),
             None => self.batch.max_age,
+        };
+        #[cfg(feature = "iceberg")]
+        let wait = match self.table.as_ref().and_then(|t| self.commit_due_in(t)) {
+            Some(due) => wait.min(due),
+            None => wait,
         };
         tokio::select! {
             _ = self.spool.records_added(self.sink, wait.max(Duration::from_millis(5))) => {}
@@ -270,13 +306,27 @@ impl Batcher {
             self.spool.complete(self.sink, meta.clone()).await?;
             return Ok(true);
         }
-        let built = {
-            let (events, agent, encoding) =
-                (events.to_vec(), self.agent.clone(), self.encoding.clone());
-            tokio::task::spawn_blocking(move || object::build(&events, &agent, &encoding))
-                .await
-                .expect("encoding does not panic")
+        #[cfg(feature = "iceberg")]
+        let mut for_table = None;
+        #[cfg(feature = "iceberg")]
+        let built = match &self.table {
+            Some(table) => match self.prepare_for_table(table, events, stop).await {
+                table_commit::Prepare::Ready(prepared) => {
+                    let info = table_commit::object_info(object::metadata(
+                        &events[0],
+                        &self.encoding.metadata_attributes,
+                    ));
+                    let body = prepared.body.clone();
+                    for_table = Some(prepared);
+                    Ok(Object::Bytes { body, info })
+                }
+                table_commit::Prepare::Unencodable(error) => Err(error),
+                table_commit::Prepare::Stopped => return Ok(false),
+            },
+            None => self.build_object(events).await,
         };
+        #[cfg(not(feature = "iceberg"))]
+        let built = self.build_object(events).await;
         let object = match built {
             Ok(object) => object,
             Err(error) => return self.keep_unencodable(meta, events, &error, stop).await,
@@ -387,6 +437,12 @@ impl Batcher {
         };
         self.metrics
             .object_committed(&self.name, meta.records, size);
+        #[cfg(feature = "iceberg")]
+        if let Some(prepared) = for_table {
+            self.metrics.uploading(&self.name, None);
+            self.hold(meta, prepared.uploaded(meta.seq, &key));
+            return Ok(true);
+        }
         let records = meta.records;
         let completed = match &object {
             Object::File { media, event, .. } => self
@@ -408,6 +464,14 @@ impl Batcher {
         completed?;
         self.report_progress(records);
         Ok(true)
+    }
+
+    async fn build_object(&self, events: &[Event]) -> Result<Object, String> {
+        let (events, agent, encoding) =
+            (events.to_vec(), self.agent.clone(), self.encoding.clone());
+        tokio::task::spawn_blocking(move || object::build(&events, &agent, &encoding))
+            .await
+            .expect("encoding does not panic")
     }
 
     /// One attempt at writing `object` under `key`; the bytes written.

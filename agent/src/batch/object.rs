@@ -78,14 +78,7 @@ pub fn build(events: &[Event], agent: &str, encoding: &Encoding) -> Result<Objec
             metadata,
         ),
         Format::Parquet => {
-            let options = ParquetOptions {
-                compression: match encoding.compression {
-                    Compression::Snappy => ParquetCompression::Snappy,
-                    Compression::None => ParquetCompression::None,
-                    _ => ParquetCompression::Zstd,
-                },
-                row_group_size: encoding.row_group_size,
-            };
+            let options = parquet_options(encoding.compression, encoding.row_group_size);
             match encode_parquet(events, agent, &options) {
                 Ok(body) => Object::Bytes {
                     body: body.into(),
@@ -104,6 +97,17 @@ pub fn build(events: &[Event], agent: &str, encoding: &Encoding) -> Result<Objec
         }
         Format::Raw => raw(&events[0], metadata)?,
     })
+}
+
+pub(super) fn parquet_options(compression: Compression, row_group_size: usize) -> ParquetOptions {
+    ParquetOptions {
+        compression: match compression {
+            Compression::Snappy => ParquetCompression::Snappy,
+            Compression::None => ParquetCompression::None,
+            _ => ParquetCompression::Zstd,
+        },
+        row_group_size,
+    }
 }
 
 fn ndjson(
@@ -149,7 +153,7 @@ fn raw(event: &Event, metadata: Vec<(String, String)>) -> Result<Object, String>
 /// The configured attributes the event has, as object metadata. Values
 /// come from clients and plugins; a header value S3 refuses would make
 /// every retry of the object fail.
-fn metadata(event: &Event, names: &[String]) -> Vec<(String, String)> {
+pub(super) fn metadata(event: &Event, names: &[String]) -> Vec<(String, String)> {
     names
         .iter()
         .filter(|n| !n.starts_with(RESERVED_ATTRIBUTE_PREFIX))

@@ -75,6 +75,36 @@ pub fn encode_parquet(
     if options.row_group_size == 0 {
         return Err(ParquetError::ZeroRowGroupSize);
     }
+    let (schema, arrays) = columns_of(events, agent);
+    let schema = Arc::new(schema);
+    let mut writer = ArrowWriter::try_new(
+        Vec::new(),
+        schema.clone(),
+        Some(writer_properties(options)?),
+    )?;
+    if !events.is_empty() {
+        writer.write(&RecordBatch::try_new(schema, arrays)?)?;
+    }
+    Ok(writer.into_inner()?)
+}
+
+pub fn writer_properties(options: &ParquetOptions) -> Result<WriterProperties, ParquetError> {
+    let compression = match options.compression {
+        ParquetCompression::None => Compression::UNCOMPRESSED,
+        ParquetCompression::Snappy => Compression::SNAPPY,
+        // The level the NDJSON sink uses too.
+        ParquetCompression::Zstd => Compression::ZSTD(ZstdLevel::try_new(3)?),
+    };
+    // The defaults hold nothing time- or host-dependent (created_by is the
+    // crate version), which keeps the bytes reproducible.
+    Ok(WriterProperties::builder()
+        .set_compression(compression)
+        .set_max_row_group_row_count(Some(options.row_group_size))
+        .build())
+}
+
+/// The batch's columns, as [`encode_parquet`] writes them.
+pub fn columns_of(events: &[Event], agent: &str) -> (Schema, Vec<ArrayRef>) {
     let mut rows: Vec<Option<Map<String, Value>>> = events
         .iter()
         .map(|e| match serde_json::from_slice(&e.payload) {
@@ -120,24 +150,7 @@ pub fn encode_parquet(
         ));
     }
 
-    let schema = Arc::new(Schema::new(fields));
-    let compression = match options.compression {
-        ParquetCompression::None => Compression::UNCOMPRESSED,
-        ParquetCompression::Snappy => Compression::SNAPPY,
-        // The level the NDJSON sink uses too.
-        ParquetCompression::Zstd => Compression::ZSTD(ZstdLevel::try_new(3)?),
-    };
-    // The defaults hold nothing time- or host-dependent (created_by is the
-    // crate version), which keeps the bytes reproducible.
-    let props = WriterProperties::builder()
-        .set_compression(compression)
-        .set_max_row_group_row_count(Some(options.row_group_size))
-        .build();
-    let mut writer = ArrowWriter::try_new(Vec::new(), schema.clone(), Some(props))?;
-    if !events.is_empty() {
-        writer.write(&RecordBatch::try_new(schema, arrays)?)?;
-    }
-    Ok(writer.into_inner()?)
+    (Schema::new(fields), arrays)
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 
 mod load;
 mod secret;
+mod table;
 mod validate;
 
 pub use validate::warnings;
@@ -21,6 +22,7 @@ use bytesize::ByteSize;
 use serde::Deserialize;
 
 pub use secret::{REDACTED, Secret};
+pub use table::{CatalogKind, TableConfig};
 
 pub use load::{
     ConfigError, ENV_FILE, FLEET_BASE, FLEET_DEVICE, FLEET_SITE_DIR, config_files, load,
@@ -471,6 +473,9 @@ pub struct SinkConfig {
     /// of MinIO or Ceph), in addition to the system roots.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Parquet: also append each object to this Iceberg table.
+    #[serde(default)]
+    pub table: Option<TableConfig>,
 }
 
 impl SinkConfig {

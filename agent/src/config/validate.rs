@@ -491,6 +491,21 @@ fn validate_sink_format(
     if sink.row_group_size == 0 {
         return Err(("row_group_size", "must be above zero".into()));
     }
+    if let Some(table) = &sink.table {
+        if sink.format != Format::Parquet {
+            return Err((
+                "table",
+                "an Iceberg table takes Parquet files: set `format = \"parquet\"`".into(),
+            ));
+        }
+        if !cfg!(feature = "iceberg") {
+            return Err((
+                "table",
+                "this silt was built without the `iceberg` feature".into(),
+            ));
+        }
+        super::table::validate(table)?;
+    }
     if let Some(class) = &sink.storage_class {
         if sink.kind != SinkKind::S3 {
             return Err((

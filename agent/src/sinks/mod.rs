@@ -93,6 +93,12 @@ pub fn build(name: &str, config: &SinkConfig) -> Result<Sink, SinkError> {
     })
 }
 
+/// An S3 store built from a sink's settings (for the bucket in `config`).
+#[cfg(feature = "iceberg")]
+pub fn s3_store(config: &SinkConfig) -> Result<Arc<dyn ObjectStore>, String> {
+    Ok(s3::build(config)?)
+}
+
 /// What happened to a write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Written {

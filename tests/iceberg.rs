@@ -1,0 +1,370 @@
+//! Iceberg tables from Parquet sinks, read back by the tools analysts use:
+//! s3s-fs as the warehouse, the SQL catalog on SQLite, pyiceberg through
+//! the same catalog, and DuckDB's iceberg extension (from PyPI, loaded from
+//! the wheel's files, nothing downloaded).
+//!
+//! * 3 sites x 1,000 rows over HTTP land exactly once, partitioned by day
+//!   and site; a later batch with a new field adds an optional column that
+//!   the earlier rows read as null; every snapshot names its batches.
+//! * Crashes: objects uploaded but not committed when the agent is killed
+//!   are committed once after the restart; a spool put back to its state
+//!   before a commit (what a SIGKILL between the commit and the spool's
+//!   completion leaves) re-commits nothing.
+//! * A fleet: three agents commit to one table in a PostgreSQL catalog at
+//!   the same time; every row lands once and every object is in the table.
+
+mod harness;
+
+use std::time::{Duration, Instant};
+
+use harness::http::HttpClient;
+use harness::procs::{S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY};
+use harness::*;
+use serde_json::{Value, json};
+
+const SITES: [&str; 3] = ["berlin", "lyon", "oslo"];
+
+/// A Parquet sink on `s3` appending to `telemetry.readings` in the SQL
+/// catalog at `catalog`.
+fn table_sink(s3: &S3Server, catalog: &str, commit_every: &str, max_records: u64) -> String {
+    format!(
+        "[sinks.lake]\ntype = \"s3\"\ninputs = [\"readings\"]\nbucket = \"{bucket}\"\nendpoint = \"{endpoint}\"\n\
+         region = \"{S3_REGION}\"\naccess_key_id = \"{S3_ACCESS_KEY}\"\nsecret_access_key = \"{S3_SECRET_KEY}\"\n\
+         retry_max = \"1s\"\nformat = \"parquet\"\n\
+         key = \"data/site={{field.site}}/{{yyyy}}-{{MM}}-{{dd}}/{{agent}}-{{batch}}.parquet\"\n\
+         batch = {{ max_records = {max_records}, max_bytes = \"8MiB\", max_age = \"1s\" }}\n\
+         table = {{ catalog = \"sql\", uri = \"{catalog}\", warehouse = \"s3://{bucket}/warehouse\", \
+         namespace = \"telemetry\", name = \"readings\", create = true, commit_every = \"{commit_every}\" }}\n\n",
+        bucket = s3.bucket,
+        endpoint = s3.endpoint(),
+    )
+}
+
+fn readings(site: &str, from: usize, n: usize, humidity: bool) -> Vec<Value> {
+    (from..from + n)
+        .map(|i| {
+            let mut v = json!({ "site": site, "id": i, "temp": 20.5 + (i % 10) as f64 });
+            if humidity {
+                v["humidity"] = json!(40 + i % 20);
+            }
+            v
+        })
+        .collect()
+}
+
+async fn post(client: &HttpClient, events: Vec<Value>) {
+    for chunk in events.chunks(250) {
+        let body = serde_json::to_vec(chunk).unwrap();
+        let reply = client
+            .post_raw("/v1/ingest/readings", "application/json", body, None)
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 202, "{}", reply.body);
+    }
+}
+
+/// Reads the table with pyiceberg and queries it with DuckDB; prints JSON.
+const READ_TABLE: &str = r#"
+import sys, json, collections, importlib, pathlib, tempfile
+from pyiceberg.catalog.sql import SqlCatalog
+uri, warehouse, endpoint, ak, sk = sys.argv[1:6]
+catalog = SqlCatalog("silt", uri=uri, warehouse=warehouse, **{
+    "s3.endpoint": endpoint, "s3.access-key-id": ak, "s3.secret-access-key": sk, "s3.region": "us-east-1"})
+table = catalog.load_table("telemetry.readings")
+rows = table.scan().to_arrow().to_pylist()
+keys = collections.Counter(f"{r['site']}/{r['id']}/{r.get('humidity') is not None}" for r in rows)
+summaries = []
+for s in table.snapshots():
+    props = s.summary.additional_properties if hasattr(s.summary, "additional_properties") else dict(s.summary)
+    summaries.append(props.get("silt.batches"))
+files = table.inspect.files().to_pylist()
+out = {
+    "rows": len(rows),
+    "distinct": len(keys),
+    "duplicates": sorted(k for k, n in keys.items() if n > 1)[:10],
+    "per_site": collections.Counter(r["site"] for r in rows),
+    "with_humidity": sum(1 for r in rows if r.get("humidity") is not None),
+    "schema": {f.name: str(f.field_type) for f in table.schema().fields},
+    "spec": [f"{f.name}:{f.transform}" for f in table.spec().fields],
+    "batches": summaries,
+    "files": len(files),
+    "file_partitions": sorted(set(str(f["partition"]) for f in files)),
+    "bounds": all(f["lower_bounds"] and f["upper_bounds"] for f in files),
+}
+import duckdb
+def ext_file(name):
+    mod = importlib.import_module(f"duckdb_extension_{name}")
+    return str(next(pathlib.Path(mod.__file__).parent.glob(f"extensions/v{duckdb.__version__}/{name}.duckdb_extension")))
+con = duckdb.connect(config={"autoinstall_known_extensions": "false", "autoload_known_extensions": "false",
+    "extension_directory": tempfile.mkdtemp(), "custom_extension_repository": "http://127.0.0.1:9"})
+for name in ("httpfs", "avro", "iceberg"):
+    con.execute(f"LOAD '{ext_file(name)}'")
+host = endpoint.split("://", 1)[1]
+con.execute(f"CREATE SECRET s3s (TYPE s3, KEY_ID '{ak}', SECRET '{sk}', REGION 'us-east-1', ENDPOINT '{host}', URL_STYLE 'path', USE_SSL false)")
+out["duckdb"] = list(con.execute(
+    f"SELECT count(*), count(DISTINCT site || '/' || id), count(humidity) FROM iceberg_scan('{table.metadata_location}')").fetchone())
+print(json.dumps(out))
+"#;
+
+/// `catalog` as SQLAlchemy takes it (pyiceberg).
+fn read_table(py: &std::path::Path, catalog: &str, s3: &S3Server) -> Value {
+    let out = python::run(
+        py,
+        READ_TABLE,
+        &[
+            &catalog
+                .replace("sqlite://", "sqlite:///")
+                .replace("postgres://", "postgresql+psycopg2://"),
+            &format!("s3://{}/warehouse", s3.bucket),
+            &s3.endpoint(),
+            S3_ACCESS_KEY,
+            S3_SECRET_KEY,
+        ],
+    );
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// Sum of `appended=N` over the agent's commit lines.
+fn committed_objects(agent: &Agent, field_name: &str) -> u64 {
+    agent
+        .log_all()
+        .lines()
+        .filter(|l| l.contains("committed to the Iceberg table"))
+        .filter_map(|l| agent::field(l, field_name).and_then(|v| v.parse::<u64>().ok()))
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_sites_land_once_and_a_new_field_adds_a_column() {
+    let Some(py) = python::python() else { return };
+    let t0 = Instant::now();
+    let scratch = Scratch::new("iceberg-sites");
+    let s3 = S3Server::start(scratch.path(), "lake");
+    let catalog = format!("sqlite://{}", scratch.join("catalog.db").display());
+    let port = free_port();
+    let cfg = config::agent("gw-ice")
+        + &config::http_source("readings", port, None, "4MiB")
+        + &table_sink(&s3, &catalog, "2s", 400);
+    let mut agent = Agent::start(&scratch.join("agent"), &cfg);
+    agent
+        .wait_ready(&[("http listening", 1), ("silt running", 1)], 60)
+        .await;
+    let client = HttpClient::new(port, None);
+
+    for site in SITES {
+        post(&client, readings(site, 0, 1000, false)).await;
+    }
+    wait_until(deadline(90), "3,000 rows committed", || {
+        agent.uploaded_records() == 3000 && committed_objects(&agent, "objects") >= 9
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_all()));
+    note(t0, "3,000 rows committed");
+    // A new field: an optional column, null in the rows before it.
+    post(&client, readings("oslo", 1000, 100, true)).await;
+    wait_until(deadline(60), "the humidity batch committed", || {
+        agent.uploaded_records() == 3100
+            && agent.count_log("added columns to the Iceberg table") == 1
+            && agent.count_log("committed to the Iceberg table") >= 2
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_all()));
+    wait_until(deadline(30), "every object committed", || {
+        let uploaded = agent.count_log("uploaded object") as u64;
+        committed_objects(&agent, "objects") == uploaded
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_all()));
+    agent.sigterm_and_wait(Duration::from_secs(30)).await;
+
+    let got = read_table(&py, &catalog, &s3);
+    note(t0, format!("pyiceberg: {got}"));
+    assert_eq!(got["rows"], json!(3100), "{got}");
+    assert_eq!(got["distinct"], json!(3100), "{got}");
+    assert_eq!(
+        got["per_site"],
+        json!({"berlin": 1000, "lyon": 1000, "oslo": 1100})
+    );
+    assert_eq!(got["with_humidity"], json!(100));
+    assert_eq!(got["schema"]["humidity"], "long");
+    assert_eq!(got["schema"]["temp"], "double");
+    assert_eq!(got["schema"]["ts"], "timestamptz");
+    assert_eq!(got["spec"], json!(["ts_day:day", "site:identity"]));
+    assert!(
+        got["bounds"].as_bool().unwrap(),
+        "column bounds from the footer: {got}"
+    );
+    let names: Vec<&str> = got["batches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|b| b.as_str())
+        .flat_map(|b| b.split(','))
+        .collect();
+    assert_eq!(names.len() as u64, got["files"].as_u64().unwrap(), "{got}");
+    assert!(
+        names.iter().all(|n| n.starts_with("gw-ice/lake/")),
+        "{names:?}"
+    );
+    assert_eq!(got["duckdb"], json!([3100, 3100, 100]), "DuckDB: {got}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_before_or_after_the_commit_leaves_every_row_once() {
+    let Some(py) = python::python() else { return };
+    let t0 = Instant::now();
+    let scratch = Scratch::new("iceberg-kill");
+    let s3 = S3Server::start(scratch.path(), "lake");
+    let catalog = format!("sqlite://{}", scratch.join("catalog.db").display());
+    let port = free_port();
+    let cfg = |commit_every: &str| {
+        config::agent("gw-kill")
+            + &config::http_source("readings", port, None, "4MiB")
+            + &table_sink(&s3, &catalog, commit_every, 100)
+    };
+    // 1. Uploaded, not committed (the commit is an hour away), then SIGKILL.
+    let mut agent = Agent::start(&scratch.join("agent"), &cfg("1h"));
+    agent
+        .wait_ready(&[("http listening", 1), ("silt running", 1)], 60)
+        .await;
+    let client = HttpClient::new(port, None);
+    for site in SITES {
+        post(&client, readings(site, 0, 200, false)).await;
+    }
+    wait_until(deadline(60), "600 rows uploaded", || {
+        agent.uploaded_records() == 600
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_all()));
+    let objects = agent.count_log("uploaded object");
+    assert_eq!(agent.count_log("committed to the Iceberg table"), 0);
+    agent.kill9();
+    note(
+        t0,
+        format!("killed with {objects} objects uploaded, none committed"),
+    );
+
+    // The spool as it stands before any commit: what a SIGKILL between a
+    // commit and the spool's completion leaves behind.
+    let before_commit = scratch.join("data-before-commit");
+    copy_dir(&agent.data_dir, &before_commit);
+
+    // 2. Restarted: the sealed batches upload again (same bytes, same keys)
+    // and are committed once.
+    std::fs::write(
+        &agent.config,
+        cfg("1s").replace("{data_dir}", &agent.data_dir.display().to_string()),
+    )
+    .unwrap();
+    agent.spawn();
+    wait_until(deadline(60), "every object committed", || {
+        committed_objects(&agent, "appended") == objects as u64
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_all()));
+    agent.sigterm_and_wait(Duration::from_secs(30)).await;
+    note(t0, "committed after the restart");
+
+    // 3. The spool put back to before the commit: the batches upload again
+    // and are found in the table, so nothing is appended twice.
+    std::fs::remove_dir_all(&agent.data_dir).unwrap();
+    copy_dir(&before_commit, &agent.data_dir);
+    agent.spawn();
+    wait_until(deadline(60), "the batches found committed", || {
+        committed_objects(&agent, "already_committed") == objects as u64
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_all()));
+    agent.sigterm_and_wait(Duration::from_secs(30)).await;
+    assert_eq!(committed_objects(&agent, "appended"), objects as u64);
+    assert_eq!(
+        agent.count_log("already exists with other content"),
+        0,
+        "{}",
+        agent.log_all()
+    );
+
+    let got = read_table(&py, &catalog, &s3);
+    note(t0, format!("pyiceberg: {got}"));
+    assert_eq!(got["rows"], json!(600), "{got}");
+    assert_eq!(got["distinct"], json!(600), "{got}");
+    assert_eq!(got["files"], json!(objects), "{got}");
+    assert_eq!(got["duckdb"], json!([600, 600, 0]), "DuckDB: {got}");
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "cp -a {} {}",
+        from.display(),
+        to.display()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_agents_commit_to_one_table_in_a_postgres_catalog() {
+    let Some(py) = python::python() else { return };
+    let t0 = Instant::now();
+    let scratch = Scratch::new("iceberg-fleet");
+    let Some(pg) = postgres::Postgres::start(scratch.path()) else {
+        return;
+    };
+    let s3 = S3Server::start(scratch.path(), "lake");
+    note(t0, format!("postgres :{}, s3 :{}", pg.port, s3.port));
+    let mut agents = Vec::new();
+    for (i, site) in SITES.iter().enumerate() {
+        let port = free_port();
+        let cfg = config::agent(&format!("gw-{i}"))
+            + &config::http_source("readings", port, None, "4MiB")
+            + &table_sink(&s3, &pg.url(), "1s", 100);
+        let agent = Agent::start(&scratch.join(&format!("agent-{i}")), &cfg);
+        agents.push((agent, port, *site));
+    }
+    for (agent, ..) in &mut agents {
+        agent
+            .wait_ready(&[("http listening", 1), ("silt running", 1)], 60)
+            .await;
+    }
+    // All three post at once, in rounds, so their commits overlap.
+    let mut posts = Vec::new();
+    for (_, port, site) in &agents {
+        let (port, site) = (*port, site.to_string());
+        posts.push(tokio::spawn(async move {
+            let client = HttpClient::new(port, None);
+            for round in 0..4 {
+                post(&client, readings(&site, round * 250, 250, false)).await;
+                tokio::time::sleep(Duration::from_millis(700)).await;
+            }
+        }));
+    }
+    for p in posts {
+        p.await.unwrap();
+    }
+    for (agent, ..) in &mut agents {
+        wait_until(deadline(120), "1,000 rows uploaded and committed", || {
+            agent.uploaded_records() == 1000
+                && committed_objects(agent, "objects") == agent.count_log("uploaded object") as u64
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_all()));
+    }
+    let mut objects = 0;
+    for (agent, ..) in &mut agents {
+        agent.sigterm_and_wait(Duration::from_secs(30)).await;
+        objects += agent.count_log("uploaded object");
+        assert_eq!(committed_objects(agent, "appended"), agent.count_log("uploaded object") as u64);
+    }
+    let got = read_table(&py, &pg.url(), &s3);
+    note(t0, format!("pyiceberg: {got}"));
+    assert_eq!(got["rows"], json!(3000), "{got}");
+    assert_eq!(got["distinct"], json!(3000), "{got}");
+    assert_eq!(got["per_site"], json!({"berlin": 1000, "lyon": 1000, "oslo": 1000}));
+    assert_eq!(got["files"], json!(objects), "{got}");
+    assert_eq!(got["duckdb"], json!([3000, 3000, 0]), "DuckDB: {got}");
+}
