@@ -90,7 +90,12 @@ impl Postgres {
         initdb
             .arg("-D")
             .arg(&data)
-            .args(["-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256"])
+            .args([
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+            ])
             .args(["-E", "UTF8", "--no-locale", "--no-sync"]);
         run(initdb, "initdb");
         let port = free_port();
@@ -130,7 +135,10 @@ impl Postgres {
 
     /// For SQLAlchemy (pyiceberg).
     pub fn sqlalchemy_url(&self) -> String {
-        format!("postgresql+psycopg2://silt:silt@127.0.0.1:{}/silt", self.port)
+        format!(
+            "postgresql+psycopg2://silt:silt@127.0.0.1:{}/silt",
+            self.port
+        )
     }
 }
 

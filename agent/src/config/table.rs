@@ -125,7 +125,11 @@ mod tests {
             "parquet",
             "s3://bucket/prefix",
         );
-        refused(&GOOD.replace("\"t\"", "\"a.b\""), "parquet", "table.namespace");
+        refused(
+            &GOOD.replace("\"t\"", "\"a.b\""),
+            "parquet",
+            "table.namespace",
+        );
         refused(&GOOD.replace("\"r\"", "\"\""), "parquet", "table.name");
         refused(
             &GOOD.replace(" }", ", commit_evry = \"1m\" }"),

@@ -9,6 +9,7 @@
 //! repeated after a crash or a lost reply appends nothing twice; the spool
 //! completes a batch only once its commit is found or made.
 
+mod catalog;
 mod schema;
 mod storage;
 
@@ -23,14 +24,15 @@ use iceberg::table::Table;
 use iceberg::transaction::{AddColumn, ApplyTransactionAction, Transaction};
 use iceberg::writer::file_writer::{FileWriter, FileWriterBuilder, ParquetWriterBuilder};
 use iceberg::{Catalog, CatalogBuilder, ErrorKind, NamespaceIdent, TableCreation, TableIdent};
-use iceberg_catalog_sql::{SqlBindStyle, SqlCatalog, SqlCatalogBuilder};
+use iceberg_catalog_sql::{SqlBindStyle, SqlCatalogBuilder};
 
 use crate::batch::{ParquetOptions, TemplatePart, writer_properties};
 use crate::config::{SinkConfig, SinkKind, TableConfig};
 use crate::event::Event;
 use crate::sinks::{ErrorClass, shorten};
+use catalog::TidyCatalog;
 pub use schema::PAYLOAD_RAW;
-use storage::SinkStorageFactory;
+use storage::{SinkStorage, SinkStorageFactory};
 
 /// The snapshot summary property naming the batches a commit holds.
 pub const BATCHES_PROPERTY: &str = "silt.batches";
@@ -106,7 +108,7 @@ pub struct TableSink {
     /// Where the sink's objects are: `s3://bucket/` or `file:///dir/`.
     object_base: String,
     options: ParquetOptions,
-    catalog: tokio::sync::OnceCell<Arc<SqlCatalog>>,
+    catalog: tokio::sync::OnceCell<Arc<TidyCatalog>>,
 }
 
 impl TableSink {
@@ -169,7 +171,7 @@ impl TableSink {
         }
     }
 
-    async fn catalog(&self) -> Result<Arc<SqlCatalog>, TableError> {
+    async fn catalog(&self) -> Result<Arc<TidyCatalog>, TableError> {
         let catalog = self
             .catalog
             .get_or_try_init(|| async {
@@ -183,11 +185,12 @@ impl TableSink {
                     ("warehouse".to_string(), self.config.warehouse.clone()),
                     ("sql_bind_style".to_string(), bind.to_string()),
                 ]);
+                let storage = SinkStorage::new(&self.sink);
                 SqlCatalogBuilder::default()
-                    .with_storage_factory(Arc::new(SinkStorageFactory::new(&self.sink)))
+                    .with_storage_factory(Arc::new(SinkStorageFactory::new(storage.clone())))
                     .load("silt", props)
                     .await
-                    .map(Arc::new)
+                    .map(|sql| Arc::new(TidyCatalog::new(sql, storage)))
                     .map_err(|e| TableError::Catalog {
                         uri: redact_uri(&self.config.uri),
                         message: shorten(&e.to_string(), 400),
@@ -201,7 +204,7 @@ impl TableSink {
     /// sink may create it.
     async fn table(
         &self,
-        catalog: &SqlCatalog,
+        catalog: &TidyCatalog,
         batch: &arrow_schema::Schema,
     ) -> Result<Table, TableError> {
         match catalog.load_table(&self.ident).await {
@@ -249,7 +252,7 @@ impl TableSink {
     /// optional columns (a concurrent writer may add them first).
     async fn with_columns(
         &self,
-        catalog: &SqlCatalog,
+        catalog: &TidyCatalog,
         batch: &arrow_schema::Schema,
     ) -> Result<Table, TableError> {
         let mut table = self.table(catalog, batch).await?;

@@ -243,10 +243,16 @@ mod tests {
     #[test]
     fn attributes_in_the_key_become_columns_and_partitions() {
         let template =
-            KeyTemplate::parse("x/site={attr.site}/{yyyy}/{MM}/{dd}/{agent}-{batch}.parquet").unwrap();
+            KeyTemplate::parse("x/site={attr.site}/{yyyy}/{MM}/{dd}/{agent}-{batch}.parquet")
+                .unwrap();
         let events = [ev(r#"{"id":1}"#, Some("oslo"))];
         let (batch, arrays) = batch_columns(&events, "gw", &["site".to_string()]);
-        assert_eq!(arrays[batch.index_of("site").unwrap()].as_string::<i32>().value(0), "oslo");
+        assert_eq!(
+            arrays[batch.index_of("site").unwrap()]
+                .as_string::<i32>()
+                .value(0),
+            "oslo"
+        );
         let schema = initial_schema(&batch).unwrap();
         let spec = partition_spec(template.parts(), &schema).unwrap();
         let fields: Vec<String> = spec
@@ -279,12 +285,26 @@ mod tests {
             .collect();
         let raw = |b: &RecordBatch| {
             let a = b.column_by_name(PAYLOAD_RAW).unwrap().as_binary::<i64>();
-            a.is_valid(0).then(|| String::from_utf8(a.value(0).to_vec()).unwrap())
+            a.is_valid(0)
+                .then(|| String::from_utf8(a.value(0).to_vec()).unwrap())
         };
-        assert_eq!(raw(&rows[0]).as_deref(), Some(r#"{"id":2.5,"temp":3,"ok":true}"#));
+        assert_eq!(
+            raw(&rows[0]).as_deref(),
+            Some(r#"{"id":2.5,"temp":3,"ok":true}"#)
+        );
         assert!(rows[0].column_by_name("id").unwrap().is_null(0));
-        assert_eq!(rows[0].column_by_name("temp").unwrap().as_primitive::<Float64Type>().value(0), 3.0);
-        assert_eq!(raw(&rows[1]).as_deref(), Some(r#"{"id":3,"temp":4,"ok":"yes"}"#));
+        assert_eq!(
+            rows[0]
+                .column_by_name("temp")
+                .unwrap()
+                .as_primitive::<Float64Type>()
+                .value(0),
+            3.0
+        );
+        assert_eq!(
+            raw(&rows[1]).as_deref(),
+            Some(r#"{"id":3,"temp":4,"ok":"yes"}"#)
+        );
         assert!(rows[1].column_by_name("ok").unwrap().is_null(0));
         assert_eq!(raw(&rows[2]), None);
         assert_eq!(raw(&rows[3]).as_deref(), Some("not json"));

@@ -30,15 +30,8 @@ pub struct SinkStorageFactory {
 }
 
 impl SinkStorageFactory {
-    pub fn new(sink: &SinkConfig) -> SinkStorageFactory {
-        SinkStorageFactory {
-            storage: SinkStorage {
-                inner: Arc::new(Inner {
-                    sink: Some(sink.clone()),
-                    stores: Default::default(),
-                }),
-            },
-        }
+    pub fn new(storage: SinkStorage) -> SinkStorageFactory {
+        SinkStorageFactory { storage }
     }
 }
 
@@ -62,6 +55,33 @@ struct Inner {
     /// `None` only in a deserialized copy, which cannot open stores.
     sink: Option<SinkConfig>,
     stores: Mutex<HashMap<String, Arc<dyn ObjectStore>>>,
+    /// Table metadata files written since the last take.
+    written_metadata: Mutex<Vec<String>>,
+}
+
+impl SinkStorage {
+    pub fn new(sink: &SinkConfig) -> SinkStorage {
+        SinkStorage {
+            inner: Arc::new(Inner {
+                sink: Some(sink.clone()),
+                ..Default::default()
+            }),
+        }
+    }
+
+    pub fn take_written_metadata(&self) -> Vec<String> {
+        std::mem::take(&mut *self.inner.written_metadata.lock().expect("lock"))
+    }
+
+    fn wrote(&self, path: &str) {
+        if path.ends_with(".metadata.json") {
+            self.inner
+                .written_metadata
+                .lock()
+                .expect("lock")
+                .push(path.to_string());
+        }
+    }
 }
 
 fn io_error(what: &str, path: &str, e: impl std::fmt::Display) -> Error {
@@ -142,6 +162,7 @@ impl Storage for SinkStorage {
 
     async fn write(&self, path: &str, bs: Bytes) -> Result<()> {
         let (store, key) = self.locate(path)?;
+        self.wrote(path);
         store
             .put(&key, PutPayload::from_bytes(bs))
             .await
@@ -151,6 +172,7 @@ impl Storage for SinkStorage {
 
     async fn writer(&self, path: &str) -> Result<Box<dyn FileWrite>> {
         let (store, key) = self.locate(path)?;
+        self.wrote(path);
         Ok(Box::new(BufferedWriter {
             store,
             key,
