@@ -215,6 +215,20 @@ async fn three_sites_land_once_and_a_new_field_adds_a_column() {
         "{names:?}"
     );
     assert_eq!(got["duckdb"], json!([3100, 3100, 100]), "DuckDB: {got}");
+
+    // `silt check` shows the table as the catalog has it.
+    let out = agent::silt_output(&["check", "-c", &agent.config.display().to_string()], &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("sink lake: table telemetry.readings:"),
+        "{stdout}"
+    );
+    assert!(stdout.contains(" humidity long optional"), "{stdout}");
+    assert!(
+        stdout.contains("partitioned by: day(ts_day), identity(site)"),
+        "{stdout}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -257,26 +271,33 @@ async fn a_kill_before_or_after_the_commit_leaves_every_row_once() {
     let before_commit = scratch.join("data-before-commit");
     copy_dir(&agent.data_dir, &before_commit);
 
-    // 2. Restarted: the sealed batches upload again (same bytes, same keys)
-    // and are committed once.
-    std::fs::write(
-        &agent.config,
-        cfg("1s").replace("{data_dir}", &agent.data_dir.display().to_string()),
-    )
-    .unwrap();
+    // 2. Restarted: the sealed batches upload again (same bytes, same keys);
+    // the commit is still an hour away, so SIGTERM commits them, once.
     agent.spawn();
-    wait_until(deadline(60), "every object committed", || {
-        committed_objects(&agent, "appended") == objects as u64
+    wait_until(deadline(60), "the batches uploaded again", || {
+        agent.uploaded_records() == 1200
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_all()));
+    assert_eq!(agent.count_log("committed to the Iceberg table"), 0);
     agent.sigterm_and_wait(Duration::from_secs(30)).await;
-    note(t0, "committed after the restart");
+    assert_eq!(
+        committed_objects(&agent, "appended"),
+        objects as u64,
+        "{}",
+        agent.log_all()
+    );
+    note(t0, "SIGTERM committed what was waiting");
 
     // 3. The spool put back to before the commit: the batches upload again
     // and are found in the table, so nothing is appended twice.
     std::fs::remove_dir_all(&agent.data_dir).unwrap();
     copy_dir(&before_commit, &agent.data_dir);
+    std::fs::write(
+        &agent.config,
+        cfg("1s").replace("{data_dir}", &agent.data_dir.display().to_string()),
+    )
+    .unwrap();
     agent.spawn();
     wait_until(deadline(60), "the batches found committed", || {
         committed_objects(&agent, "already_committed") == objects as u64
@@ -395,4 +416,91 @@ async fn three_agents_commit_to_one_table_in_a_postgres_catalog() {
     // Commits that lost a race to another agent wrote metadata files the
     // table never referenced; none is left behind.
     assert_eq!(got["metadata_files"], got["metadata_log"], "{got}");
+}
+
+/// The REST catalog of tests/fixtures/iceberg_rest_catalog.py on a free
+/// port, stopped on drop.
+struct RestCatalog {
+    port: u16,
+    child: std::process::Child,
+}
+
+impl RestCatalog {
+    fn start(py: &std::path::Path, scratch: &Scratch, s3: &S3Server, token: &str) -> RestCatalog {
+        let port = free_port();
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/iceberg_rest_catalog.py");
+        let log = std::fs::File::create(scratch.join("rest-catalog.log")).unwrap();
+        let child = std::process::Command::new(py)
+            .arg(script)
+            .arg(port.to_string())
+            .arg(token)
+            .arg(scratch.join("rest-backend.db"))
+            .arg(format!("s3://{}/warehouse", s3.bucket))
+            .arg(s3.endpoint())
+            .args([S3_ACCESS_KEY, S3_SECRET_KEY])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        wait_until_blocking(deadline(30), "REST catalog port", || port_open(port)).unwrap();
+        RestCatalog { port, child }
+    }
+}
+
+impl Drop for RestCatalog {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rest_catalog_takes_the_same_commits() {
+    let Some(py) = python::python() else { return };
+    let t0 = Instant::now();
+    let scratch = Scratch::new("iceberg-rest");
+    let s3 = S3Server::start(scratch.path(), "lake");
+    let rest = RestCatalog::start(&py, &scratch, &s3, "t0ken");
+    let port = free_port();
+    let sink = table_sink(&s3, "unused", "1s", 250).replace(
+        "catalog = \"sql\", uri = \"unused\"",
+        &format!(
+            "catalog = \"rest\", uri = \"http://127.0.0.1:{}\", token = \"t0ken\"",
+            rest.port
+        ),
+    );
+    let cfg =
+        config::agent("gw-rest") + &config::http_source("readings", port, None, "4MiB") + &sink;
+    let mut agent = Agent::start(&scratch.join("agent"), &cfg);
+    agent
+        .wait_ready(&[("http listening", 1), ("silt running", 1)], 60)
+        .await;
+    let client = HttpClient::new(port, None);
+    for site in SITES {
+        post(&client, readings(site, 0, 500, false)).await;
+    }
+    post(&client, readings("oslo", 500, 50, true)).await;
+    wait_until(deadline(60), "1,550 rows committed", || {
+        agent.uploaded_records() == 1550
+            && committed_objects(&agent, "objects") == agent.count_log("uploaded object") as u64
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_all()));
+    agent.sigterm_and_wait(Duration::from_secs(30)).await;
+    // pyiceberg reads the catalog the REST server keeps.
+    let got = read_table(
+        &py,
+        &format!("sqlite://{}", scratch.join("rest-backend.db").display()),
+        &s3,
+    );
+    note(
+        t0,
+        format!("pyiceberg via the REST server's backing catalog: {got}"),
+    );
+    assert_eq!(got["rows"], json!(1550), "{got}");
+    assert_eq!(got["distinct"], json!(1550), "{got}");
+    assert_eq!(got["with_humidity"], json!(50), "{got}");
+    assert_eq!(got["spec"], json!(["ts_day:day", "site:identity"]));
+    assert_eq!(got["duckdb"], json!([1550, 1550, 50]), "DuckDB: {got}");
 }

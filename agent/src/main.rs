@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+#[cfg(feature = "iceberg")]
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -324,7 +326,51 @@ fn check(path: PathBuf, print: bool) -> anyhow::Result<()> {
     if !plugins.is_empty() {
         println!("plugins loaded and initialised: {}", plugins.len());
     }
+    #[cfg(feature = "iceberg")]
+    print_tables(&config)?;
     println!("config ok: {}", path.display());
+    Ok(())
+}
+
+/// Each Iceberg table's current schema, when its catalog answers within a
+/// few seconds; a device offline at check time is no config error.
+#[cfg(feature = "iceberg")]
+fn print_tables(config: &silt::config::Config) -> anyhow::Result<()> {
+    let tables: Vec<_> = config
+        .sinks
+        .iter()
+        .filter_map(|(name, sink)| Some((name, sink, sink.table.as_ref()?)))
+        .collect();
+    if tables.is_empty() {
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Runtime::new()?;
+    for (name, sink, table) in tables {
+        let parts = silt::batch::KeyTemplate::parse(&sink.key()).map_err(anyhow::Error::msg)?;
+        let target = silt::table::TableSink::new(
+            &config.agent.id,
+            name,
+            sink,
+            table,
+            parts.parts(),
+            Default::default(),
+        );
+        let label = format!("sink {name}: table {}.{}", table.namespace, table.name);
+        let described = runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), target.describe()).await
+        });
+        match described {
+            Ok(Ok(Some(schema))) => println!("{label}:\n{schema}"),
+            Ok(Ok(None)) if table.create => {
+                println!("{label}: not created yet; the first batch creates it")
+            }
+            Ok(Ok(None)) => println!(
+                "{label}: does not exist; create it or set `create = true` (batches wait until then)"
+            ),
+            Ok(Err(e)) => println!("{label}: not checked: {e}"),
+            Err(_) => println!("{label}: not checked: the catalog did not answer within 5s"),
+        }
+    }
     Ok(())
 }
 

@@ -23,7 +23,7 @@ pub(super) struct Held {
 }
 
 pub(super) enum Prepare {
-    Ready(Prepared),
+    Ready(Box<Prepared>),
     /// The batch can never be encoded for the table; `String` says why.
     Unencodable(String),
     Stopped,
@@ -43,7 +43,7 @@ impl Batcher {
             let error = match table.prepare(events, &self.agent).await {
                 Ok(prepared) => {
                     self.metrics.sink_blocked(&self.name, None);
-                    return Prepare::Ready(prepared);
+                    return Prepare::Ready(Box::new(prepared));
                 }
                 Err(e) => e,
             };

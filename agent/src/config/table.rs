@@ -1,9 +1,12 @@
 //! `table = { ... }` on a Parquet sink: append each object to an Apache
 //! Iceberg table through a catalog.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use super::Secret;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -20,7 +23,8 @@ pub struct TableConfig {
     pub catalog: CatalogKind,
     /// `sqlite:///var/lib/silt/catalog.db`, `postgresql://...` or `https://...`.
     pub uri: String,
-    /// Where new tables put their metadata and data: `s3://bucket/prefix`.
+    /// SQL: where new tables put their metadata, `s3://bucket/prefix`.
+    /// REST: the catalog's warehouse name or location, as it expects it.
     pub warehouse: String,
     pub namespace: String,
     pub name: String,
@@ -32,6 +36,17 @@ pub struct TableConfig {
     /// so a fleet makes one snapshot per device per period, not per batch.
     #[serde(default = "default_commit_every", with = "humantime_serde")]
     pub commit_every: Duration,
+    /// REST: an OAuth2 client credential `client_id:client_secret`, which
+    /// the catalog exchanges for a token.
+    #[serde(default)]
+    pub credential: Option<Secret>,
+    /// REST: a bearer token.
+    #[serde(default)]
+    pub token: Option<Secret>,
+    /// REST: more catalog properties (`scope`, `oauth2-server-uri`,
+    /// `header.NAME`, ...).
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
 }
 
 fn default_commit_every() -> Duration {
@@ -41,9 +56,32 @@ fn default_commit_every() -> Duration {
 /// Validation of the `table` key; `Err((key, message))` names the key at fault.
 pub(super) fn validate(table: &TableConfig) -> Result<(), (&'static str, String)> {
     if table.catalog == CatalogKind::Rest {
+        if !table.uri.starts_with("https://") && !table.uri.starts_with("http://") {
+            return Err((
+                "table.uri",
+                format!(
+                    "`{}` is not a REST catalog URI: use https://host/path",
+                    table.uri
+                ),
+            ));
+        }
+        if table.credential.is_some() && table.token.is_some() {
+            return Err((
+                "table.token",
+                "set `credential` or `token`, not both".into(),
+            ));
+        }
+        return validate_names(table);
+    }
+    let rest_only = [
+        ("table.credential", table.credential.is_some()),
+        ("table.token", table.token.is_some()),
+        ("table.properties", !table.properties.is_empty()),
+    ];
+    if let Some((key, _)) = rest_only.iter().find(|(_, set)| *set) {
         return Err((
-            "table.catalog",
-            "the REST catalog is not built into this silt yet; use `catalog = \"sql\"`".into(),
+            key,
+            "belongs to REST catalogs (`catalog = \"rest\"`)".into(),
         ));
     }
     let sql_uri = ["sqlite:", "postgres://", "postgresql://"];
@@ -62,6 +100,10 @@ pub(super) fn validate(table: &TableConfig) -> Result<(), (&'static str, String)
             "must be an s3://bucket/prefix (or file:///dir) location".into(),
         ));
     }
+    validate_names(table)
+}
+
+fn validate_names(table: &TableConfig) -> Result<(), (&'static str, String)> {
     let ident = |s: &str| !s.is_empty() && !s.contains(['.', '/']);
     if !ident(&table.namespace) {
         return Err((
@@ -109,11 +151,16 @@ mod tests {
                 .to_string();
             assert!(err.contains(needle), "{err}");
         };
-        refused(GOOD, "ndjson", "format = \\\"parquet\\\"");
+        refused(GOOD, "ndjson", "set `format = \"parquet\"`");
         refused(
             &GOOD.replace("\"sql\"", "\"rest\""),
             "parquet",
-            "REST catalog is not built into this silt yet",
+            "not a REST catalog URI",
+        );
+        refused(
+            &GOOD.replace(" }", ", token = \"t\" }"),
+            "parquet",
+            "belongs to REST catalogs",
         );
         refused(
             &GOOD.replace("sqlite:///var/lib/silt/catalog.db", "mysql://db"),

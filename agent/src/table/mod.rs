@@ -24,10 +24,11 @@ use iceberg::table::Table;
 use iceberg::transaction::{AddColumn, ApplyTransactionAction, Transaction};
 use iceberg::writer::file_writer::{FileWriter, FileWriterBuilder, ParquetWriterBuilder};
 use iceberg::{Catalog, CatalogBuilder, ErrorKind, NamespaceIdent, TableCreation, TableIdent};
+use iceberg_catalog_rest::RestCatalogBuilder;
 use iceberg_catalog_sql::{SqlBindStyle, SqlCatalogBuilder};
 
 use crate::batch::{ParquetOptions, TemplatePart, writer_properties};
-use crate::config::{SinkConfig, SinkKind, TableConfig};
+use crate::config::{CatalogKind, SinkConfig, SinkKind, TableConfig};
 use crate::event::Event;
 use crate::sinks::{ErrorClass, shorten};
 use catalog::TidyCatalog;
@@ -108,7 +109,7 @@ pub struct TableSink {
     /// Where the sink's objects are: `s3://bucket/` or `file:///dir/`.
     object_base: String,
     options: ParquetOptions,
-    catalog: tokio::sync::OnceCell<Arc<TidyCatalog>>,
+    catalog: tokio::sync::OnceCell<Arc<dyn Catalog>>,
 }
 
 impl TableSink {
@@ -171,30 +172,53 @@ impl TableSink {
         }
     }
 
-    async fn catalog(&self) -> Result<Arc<TidyCatalog>, TableError> {
+    async fn catalog(&self) -> Result<Arc<dyn Catalog>, TableError> {
         let catalog = self
             .catalog
             .get_or_try_init(|| async {
-                let bind = if self.config.uri.starts_with("sqlite:") {
-                    SqlBindStyle::QMark
-                } else {
-                    SqlBindStyle::DollarNumeric
-                };
-                let props = HashMap::from([
-                    ("uri".to_string(), sql_uri(&self.config.uri)),
-                    ("warehouse".to_string(), self.config.warehouse.clone()),
-                    ("sql_bind_style".to_string(), bind.to_string()),
-                ]);
                 let storage = SinkStorage::new(&self.sink);
-                SqlCatalogBuilder::default()
-                    .with_storage_factory(Arc::new(SinkStorageFactory::new(storage.clone())))
-                    .load("silt", props)
-                    .await
-                    .map(|sql| Arc::new(TidyCatalog::new(sql, storage)))
-                    .map_err(|e| TableError::Catalog {
-                        uri: redact_uri(&self.config.uri),
-                        message: shorten(&e.to_string(), 400),
-                    })
+                let factory = Arc::new(SinkStorageFactory::new(storage.clone()));
+                let table = &self.config;
+                let loaded: iceberg::Result<Arc<dyn Catalog>> = match table.catalog {
+                    CatalogKind::Sql => {
+                        let bind = if table.uri.starts_with("sqlite:") {
+                            SqlBindStyle::QMark
+                        } else {
+                            SqlBindStyle::DollarNumeric
+                        };
+                        let props = HashMap::from([
+                            ("uri".to_string(), sql_uri(&table.uri)),
+                            ("warehouse".to_string(), table.warehouse.clone()),
+                            ("sql_bind_style".to_string(), bind.to_string()),
+                        ]);
+                        SqlCatalogBuilder::default()
+                            .with_storage_factory(factory)
+                            .load("silt", props)
+                            .await
+                            .map(|sql| Arc::new(TidyCatalog::new(sql, storage)) as Arc<dyn Catalog>)
+                    }
+                    CatalogKind::Rest => {
+                        let mut props: HashMap<String, String> =
+                            table.properties.clone().into_iter().collect();
+                        props.insert("uri".into(), table.uri.clone());
+                        props.insert("warehouse".into(), table.warehouse.clone());
+                        if let Some(credential) = &table.credential {
+                            props.insert("credential".into(), credential.expose().to_string());
+                        }
+                        if let Some(token) = &table.token {
+                            props.insert("token".into(), token.expose().to_string());
+                        }
+                        RestCatalogBuilder::default()
+                            .with_storage_factory(factory)
+                            .load("silt", props)
+                            .await
+                            .map(|rest| Arc::new(rest) as Arc<dyn Catalog>)
+                    }
+                };
+                loaded.map_err(|e| TableError::Catalog {
+                    uri: redact_uri(&table.uri),
+                    message: shorten(&e.to_string(), 400),
+                })
             })
             .await?;
         Ok(catalog.clone())
@@ -204,7 +228,7 @@ impl TableSink {
     /// sink may create it.
     async fn table(
         &self,
-        catalog: &TidyCatalog,
+        catalog: &dyn Catalog,
         batch: &arrow_schema::Schema,
     ) -> Result<Table, TableError> {
         match catalog.load_table(&self.ident).await {
@@ -252,7 +276,7 @@ impl TableSink {
     /// optional columns (a concurrent writer may add them first).
     async fn with_columns(
         &self,
-        catalog: &TidyCatalog,
+        catalog: &dyn Catalog,
         batch: &arrow_schema::Schema,
     ) -> Result<Table, TableError> {
         let mut table = self.table(catalog, batch).await?;
@@ -290,7 +314,7 @@ impl TableSink {
     pub async fn prepare(&self, events: &[Event], agent: &str) -> Result<Prepared, TableError> {
         let catalog = self.catalog().await?;
         let (batch_schema, arrays) = schema::batch_columns(events, agent, &self.attrs);
-        let table = self.with_columns(&catalog, &batch_schema).await?;
+        let table = self.with_columns(catalog.as_ref(), &batch_schema).await?;
         let metadata = table.metadata();
         let table_schema = metadata.current_schema().clone();
         let encode = |message: String| TableError::Encode {
@@ -384,6 +408,45 @@ impl TableSink {
             .await
             .map_err(self.failed("commit"))?;
         Ok(todo.len())
+    }
+
+    /// The table's current schema, partition spec and snapshot, for
+    /// `silt check`; `Ok(None)` if it does not exist yet.
+    pub async fn describe(&self) -> Result<Option<String>, TableError> {
+        let catalog = self.catalog().await?;
+        let table = match catalog.load_table(&self.ident).await {
+            Ok(table) => table,
+            Err(e) if e.kind() == ErrorKind::TableNotFound => return Ok(None),
+            Err(e) => return Err(self.failed("load")(e)),
+        };
+        let metadata = table.metadata();
+        let mut text = String::new();
+        for field in metadata.current_schema().as_struct().fields() {
+            let need = if field.required {
+                "required"
+            } else {
+                "optional"
+            };
+            text.push_str(&format!(
+                "  {:>3} {} {} {need}\n",
+                field.id, field.name, field.field_type
+            ));
+        }
+        let spec: Vec<String> = metadata
+            .default_partition_spec()
+            .fields()
+            .iter()
+            .map(|f| format!("{}({})", f.transform, f.name))
+            .collect();
+        text.push_str(&format!("  partitioned by: {}\n", spec.join(", ")));
+        text.push_str(&format!(
+            "  snapshots: {}, current {}\n",
+            metadata.snapshots().len(),
+            metadata
+                .current_snapshot_id()
+                .map_or("none".to_string(), |id| id.to_string())
+        ));
+        Ok(Some(text))
     }
 
     /// Sequence numbers of this sink's batches some snapshot already holds.
