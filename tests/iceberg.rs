@@ -9,7 +9,9 @@
 //! * Crashes: objects uploaded but not committed when the agent is killed
 //!   are committed once after the restart; a spool put back to its state
 //!   before a commit (what a SIGKILL between the commit and the spool's
-//!   completion leaves) re-commits nothing.
+//!   completion leaves) re-commits nothing; and a real SIGKILL while the
+//!   agent waits for the reply to a commit the REST catalog applied (a proxy
+//!   swallows it) appends nothing twice after the restart.
 //! * A fleet: three agents commit to one table in a PostgreSQL catalog at
 //!   the same time; every row lands once, every object is in the table, and
 //!   no metadata file of a commit that lost a race is left behind.
@@ -20,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use harness::http::HttpClient;
 use harness::procs::{S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY};
+use harness::proxy::{Proxy, Trap};
 use harness::*;
 use serde_json::{Value, json};
 
@@ -455,23 +458,26 @@ impl Drop for RestCatalog {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rest_catalog_takes_the_same_commits() {
+/// A `rest` table sink on the catalog at `uri`; `auth` is the rest of the
+/// `table = { ... }` line (token or properties).
+fn rest_sink(s3: &S3Server, uri: &str, auth: &str, commit_every: &str) -> String {
+    table_sink(s3, "unused", commit_every, 250).replace(
+        "catalog = \"sql\", uri = \"unused\"",
+        &format!("catalog = \"rest\", uri = \"{uri}\", {auth}"),
+    )
+}
+
+/// 1,550 rows through a REST catalog that checks `token` (a bearer token, or
+/// `sigv4:SERVICE:REGION`), read back through its backing SQL catalog.
+async fn rest_round_trip(name: &str, token: &str, auth: &str) {
     let Some(py) = python::python() else { return };
     let t0 = Instant::now();
-    let scratch = Scratch::new("iceberg-rest");
+    let scratch = Scratch::new(name);
     let s3 = S3Server::start(scratch.path(), "lake");
-    let rest = RestCatalog::start(&py, &scratch, &s3, "t0ken");
+    let rest = RestCatalog::start(&py, &scratch, &s3, token);
     let port = free_port();
-    let sink = table_sink(&s3, "unused", "1s", 250).replace(
-        "catalog = \"sql\", uri = \"unused\"",
-        &format!(
-            "catalog = \"rest\", uri = \"http://127.0.0.1:{}\", token = \"t0ken\"",
-            rest.port
-        ),
-    );
-    let cfg =
-        config::agent("gw-rest") + &config::http_source("readings", port, None, "4MiB") + &sink;
+    let sink = rest_sink(&s3, &format!("http://127.0.0.1:{}", rest.port), auth, "1s");
+    let cfg = config::agent(name) + &config::http_source("readings", port, None, "4MiB") + &sink;
     let mut agent = Agent::start(&scratch.join("agent"), &cfg);
     agent
         .wait_ready(&[("http listening", 1), ("silt running", 1)], 60)
@@ -486,8 +492,20 @@ async fn a_rest_catalog_takes_the_same_commits() {
             && committed_objects(&agent, "objects") == agent.count_log("uploaded object") as u64
     })
     .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_all()));
+    .unwrap_or_else(|e| {
+        let catalog_log =
+            std::fs::read_to_string(scratch.join("rest-catalog.log")).unwrap_or_default();
+        panic!("{e}\n{}\nREST catalog:\n{catalog_log}", agent.log_all())
+    });
     agent.sigterm_and_wait(Duration::from_secs(30)).await;
+    let catalog_log = std::fs::read_to_string(scratch.join("rest-catalog.log")).unwrap();
+    let requests = catalog_log
+        .lines()
+        .filter(|l| l.contains("\"POST /v1/namespaces/telemetry/tables/readings "))
+        .count();
+    note(t0, format!("REST catalog took {requests} commits"));
+    assert!(requests > 0, "{catalog_log}");
+    assert!(!catalog_log.contains("refused"), "{catalog_log}");
     // pyiceberg reads the catalog the REST server keeps.
     let got = read_table(
         &py,
@@ -503,4 +521,116 @@ async fn a_rest_catalog_takes_the_same_commits() {
     assert_eq!(got["with_humidity"], json!(50), "{got}");
     assert_eq!(got["spec"], json!(["ts_day:day", "site:identity"]));
     assert_eq!(got["duckdb"], json!([1550, 1550, 50]), "DuckDB: {got}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rest_catalog_takes_the_same_commits() {
+    rest_round_trip("iceberg-rest", "t0ken", "token = \"t0ken\"").await;
+}
+
+/// AWS Glue's and S3 Tables' Iceberg endpoints take SigV4-signed requests:
+/// the catalog checks each signature with botocore's signer, keyed by the
+/// sink's credentials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigv4_rest_catalog_takes_signed_commits() {
+    rest_round_trip(
+        "iceberg-sigv4",
+        &format!("sigv4:glue:{S3_REGION}"),
+        "properties = { \"rest.sigv4-enabled\" = \"true\", \"rest.signing-name\" = \"glue\" }",
+    )
+    .await;
+}
+
+/// The SIGKILL between the commit and the spool's completion, for real: a
+/// proxy in front of the REST catalog lets a commit through and swallows
+/// its reply, and the agent is killed while it waits. The restart uploads
+/// the same objects again, finds every batch in the table's snapshots, and
+/// appends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_after_a_commit_the_agent_never_heard_of_appends_nothing_twice() {
+    let Some(py) = python::python() else { return };
+    let t0 = Instant::now();
+    let scratch = Scratch::new("iceberg-lost-reply");
+    let s3 = S3Server::start(scratch.path(), "lake");
+    let rest = RestCatalog::start(&py, &scratch, &s3, "t0ken");
+    let proxy = Proxy::start(
+        rest.port,
+        Trap::HttpReplyTo("POST /v1/namespaces/telemetry/tables/readings "),
+    )
+    .await;
+    let port = free_port();
+    let sink = rest_sink(
+        &s3,
+        &format!("http://127.0.0.1:{}", proxy.port),
+        "token = \"t0ken\"",
+        "2s",
+    )
+    .replace("max_records = 250", "max_records = 100");
+    let cfg = config::agent("gw-lost-reply")
+        + &config::http_source("readings", port, None, "4MiB")
+        + &sink;
+    let mut agent = Agent::start(&scratch.join("agent"), &cfg);
+    agent
+        .wait_ready(&[("http listening", 1), ("silt running", 1)], 60)
+        .await;
+    let caught = proxy.arm();
+    let client = HttpClient::new(port, None);
+    for site in SITES {
+        post(&client, readings(site, 0, 200, false)).await;
+    }
+    tokio::time::timeout(Duration::from_secs(30), caught)
+        .await
+        .unwrap_or_else(|_| panic!("no commit reached the catalog\n{}", agent.log_all()))
+        .unwrap();
+    agent.kill9();
+    let objects = agent.count_log("uploaded object");
+    assert_eq!(
+        agent.count_log("committed to the Iceberg table"),
+        0,
+        "{}",
+        agent.log_all()
+    );
+    let backing = format!("sqlite://{}", scratch.join("rest-backend.db").display());
+    let committed = read_table(&py, &backing, &s3);
+    let files = committed["files"].as_u64().unwrap();
+    note(
+        t0,
+        format!(
+            "killed with {objects} objects uploaded; the catalog took a commit of {files} of them, its reply swallowed"
+        ),
+    );
+    assert!(files > 0, "{committed}");
+
+    // Nothing was completed, so the restart uploads all 600 rows again.
+    agent.spawn();
+    wait_until(
+        deadline(60),
+        "600 rows uploaded again and committed",
+        || {
+            let uploaded: u64 = agent
+                .log_run()
+                .lines()
+                .filter(|l| l.contains("uploaded object"))
+                .filter_map(|l| agent::field(l, "records")?.parse::<u64>().ok())
+                .sum();
+            uploaded == 600
+                && committed_objects(&agent, "objects") == agent.count_log("uploaded object") as u64
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_all()));
+    agent.sigterm_and_wait(Duration::from_secs(30)).await;
+    let found = committed_objects(&agent, "already_committed");
+    note(
+        t0,
+        format!("restart: {found} batches found already committed"),
+    );
+    assert_eq!(found, files, "{}", agent.log_all());
+    assert_eq!(agent.count_log("already exists with other content"), 0);
+
+    let got = read_table(&py, &backing, &s3);
+    note(t0, format!("pyiceberg: {got}"));
+    assert_eq!(got["rows"], json!(600), "{got}");
+    assert_eq!(got["distinct"], json!(600), "{got}");
+    assert_eq!(got["duckdb"], json!([600, 600, 0]), "DuckDB: {got}");
 }

@@ -20,6 +20,7 @@ pub mod payload;
 pub mod pki;
 pub mod postgres;
 pub mod procs;
+pub mod proxy;
 pub mod python;
 pub mod tmpfs;
 

@@ -22,7 +22,7 @@ use bytesize::ByteSize;
 use serde::Deserialize;
 
 pub use secret::{REDACTED, Secret};
-pub use table::{CatalogKind, TableConfig};
+pub use table::{CatalogKind, Signing, TableConfig};
 
 pub use load::{
     ConfigError, ENV_FILE, FLEET_BASE, FLEET_DEVICE, FLEET_SITE_DIR, config_files, load,

@@ -49,6 +49,59 @@ pub struct TableConfig {
     pub properties: BTreeMap<String, String>,
 }
 
+/// pyiceberg's and Java's property names for SigV4, so one set of catalog
+/// properties serves silt and the tools that read the table.
+pub const ENABLED: &str = "rest.sigv4-enabled";
+pub const SIGNING_NAME: &str = "rest.signing-name";
+pub const SIGNING_REGION: &str = "rest.signing-region";
+
+/// How a REST catalog's requests are signed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signing {
+    /// The service name in the signature's scope: `glue`, `s3tables`.
+    pub name: String,
+    pub region: String,
+}
+
+impl Signing {
+    /// The signing settings in a REST catalog's `properties`, or `None` when
+    /// SigV4 is off; the name defaults from the endpoint's host and the
+    /// region to `sink_region`. `Err` says what is missing.
+    pub fn from_properties(
+        properties: &BTreeMap<String, String>,
+        uri: &str,
+        sink_region: Option<&str>,
+    ) -> Result<Option<Signing>, String> {
+        match properties.get(ENABLED).map(|v| v.trim()) {
+            None | Some("false") => return Ok(None),
+            Some("true") => {}
+            Some(other) => return Err(format!("{ENABLED} is \"{other}\"; use true or false")),
+        }
+        let host = uri
+            .split_once("://")
+            .map_or(uri, |(_, rest)| rest)
+            .split(['/', ':'])
+            .next()
+            .unwrap_or_default();
+        let name = match properties.get(SIGNING_NAME) {
+            Some(name) => name.clone(),
+            None if host.starts_with("glue.") => "glue".into(),
+            None if host.starts_with("s3tables.") => "s3tables".into(),
+            None => {
+                return Err(format!(
+                    "{ENABLED} needs {SIGNING_NAME} (glue or s3tables) for {host}"
+                ));
+            }
+        };
+        let region = match (properties.get(SIGNING_REGION), sink_region) {
+            (Some(region), _) => region.clone(),
+            (None, Some(region)) => region.to_string(),
+            (None, None) => std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into()),
+        };
+        Ok(Some(Signing { name, region }))
+    }
+}
+
 fn default_commit_every() -> Duration {
     Duration::from_secs(60)
 }
@@ -65,6 +118,8 @@ pub(super) fn validate(table: &TableConfig) -> Result<(), (&'static str, String)
                 ),
             ));
         }
+        Signing::from_properties(&table.properties, &table.uri, None)
+            .map_err(|e| ("table.properties", e))?;
         if table.credential.is_some() && table.token.is_some() {
             return Err((
                 "table.token",
@@ -122,7 +177,10 @@ fn validate_names(table: &TableConfig) -> Result<(), (&'static str, String)> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::super::load_str;
+    use super::{ENABLED, SIGNING_NAME, SIGNING_REGION, Signing};
 
     fn sink(table: &str, format: &str) -> String {
         format!(
@@ -178,10 +236,63 @@ mod tests {
             "table.namespace",
         );
         refused(&GOOD.replace("\"r\"", "\"\""), "parquet", "table.name");
+        let sigv4 = "{ catalog = \"rest\", uri = \"https://glue.eu-west-1.amazonaws.com/iceberg\", \
+                     warehouse = \"123456789012\", namespace = \"t\", name = \"r\", \
+                     properties = { \"rest.sigv4-enabled\" = \"true\" } }";
+        refused(sigv4, "parquet", "it needs an s3 sink");
+        refused(
+            &sigv4.replace("glue.eu-west-1.amazonaws.com", "catalog.example.com"),
+            "parquet",
+            "rest.signing-name",
+        );
         refused(
             &GOOD.replace(" }", ", commit_evry = \"1m\" }"),
             "parquet",
             "commit_evry",
         );
+    }
+
+    fn props(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn signing_name_and_region_default_from_the_endpoint_and_the_sink() {
+        let on = props(&[(ENABLED, "true")]);
+        let glue = Signing::from_properties(
+            &on,
+            "https://glue.eu-west-1.amazonaws.com/iceberg",
+            Some("eu-west-1"),
+        );
+        assert_eq!(
+            glue,
+            Ok(Some(Signing {
+                name: "glue".into(),
+                region: "eu-west-1".into()
+            }))
+        );
+        let tables = Signing::from_properties(
+            &props(&[(ENABLED, "true"), (SIGNING_REGION, "us-east-2")]),
+            "https://s3tables.us-east-2.amazonaws.com/iceberg",
+            Some("eu-west-1"),
+        );
+        assert_eq!(
+            tables,
+            Ok(Some(Signing {
+                name: "s3tables".into(),
+                region: "us-east-2".into()
+            }))
+        );
+        assert_eq!(
+            Signing::from_properties(&props(&[]), "https://glue.x/iceberg", None),
+            Ok(None)
+        );
+        let unknown = Signing::from_properties(&on, "https://catalog.example.com", None);
+        assert!(unknown.unwrap_err().contains(SIGNING_NAME));
+        let typo = Signing::from_properties(&props(&[(ENABLED, "yes")]), "https://glue.x", None);
+        assert!(typo.unwrap_err().contains("true or false"));
     }
 }

@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
 use super::load::{ConfigError, Origins};
-use super::{Compression, Config, Format, SinkConfig, SinkKind, SourceConfig};
+use super::{Compression, Config, Format, Signing, SinkConfig, SinkKind, SourceConfig};
 use crate::batch::{KeyTemplate, MAX_KEY_LEN, MAX_VALUE_LEN, TOO_LONG};
 
 /// What a valid config may still do that its author should know about.
@@ -505,6 +505,18 @@ fn validate_sink_format(
             ));
         }
         super::table::validate(table)?;
+        if sink.kind != SinkKind::S3
+            && Signing::from_properties(&table.properties, &table.uri, None)
+                .is_ok_and(|s| s.is_some())
+        {
+            return Err((
+                "table.properties",
+                format!(
+                    "{} signs with the sink's AWS credentials: it needs an s3 sink",
+                    super::table::ENABLED
+                ),
+            ));
+        }
     }
     if let Some(class) = &sink.storage_class {
         if sink.kind != SinkKind::S3 {

@@ -99,6 +99,15 @@ pub fn s3_store(config: &SinkConfig) -> Result<Arc<dyn ObjectStore>, String> {
     Ok(s3::build(config)?)
 }
 
+#[cfg(feature = "iceberg")]
+/// The AWS credential chain an s3 sink signs with, for other AWS requests
+/// made on its behalf (an Iceberg REST catalog that takes SigV4).
+pub fn s3_credentials(
+    config: &SinkConfig,
+) -> Result<object_store::aws::AwsCredentialProvider, String> {
+    Ok(s3::build(config)?.credentials().clone())
+}
+
 /// What happened to a write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Written {

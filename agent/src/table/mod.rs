@@ -11,6 +11,7 @@
 
 mod catalog;
 mod schema;
+mod sigv4;
 mod storage;
 
 use std::collections::{HashMap, HashSet};
@@ -28,7 +29,7 @@ use iceberg_catalog_rest::RestCatalogBuilder;
 use iceberg_catalog_sql::{SqlBindStyle, SqlCatalogBuilder};
 
 use crate::batch::{ParquetOptions, TemplatePart, writer_properties};
-use crate::config::{CatalogKind, SinkConfig, SinkKind, TableConfig};
+use crate::config::{CatalogKind, Signing, SinkConfig, SinkKind, TableConfig};
 use crate::event::Event;
 use crate::sinks::{ErrorClass, shorten};
 use catalog::TidyCatalog;
@@ -110,6 +111,8 @@ pub struct TableSink {
     object_base: String,
     options: ParquetOptions,
     catalog: tokio::sync::OnceCell<Arc<dyn Catalog>>,
+    /// Signs a REST catalog's requests (SigV4) while the catalog is in use.
+    signer: std::sync::OnceLock<sigv4::Forwarder>,
 }
 
 impl TableSink {
@@ -152,6 +155,7 @@ impl TableSink {
             object_base,
             options,
             catalog: tokio::sync::OnceCell::new(),
+            signer: std::sync::OnceLock::new(),
         }
     }
 
@@ -200,7 +204,7 @@ impl TableSink {
                     CatalogKind::Rest => {
                         let mut props: HashMap<String, String> =
                             table.properties.clone().into_iter().collect();
-                        props.insert("uri".into(), table.uri.clone());
+                        props.insert("uri".into(), self.rest_uri().await?);
                         props.insert("warehouse".into(), table.warehouse.clone());
                         if let Some(credential) = &table.credential {
                             props.insert("credential".into(), credential.expose().to_string());
@@ -222,6 +226,30 @@ impl TableSink {
             })
             .await?;
         Ok(catalog.clone())
+    }
+
+    /// Where the REST client sends its requests: the catalog, or a loopback
+    /// forwarder that signs them for it.
+    async fn rest_uri(&self) -> Result<String, TableError> {
+        let table = &self.config;
+        let refused = |message: String| TableError::Catalog {
+            uri: redact_uri(&table.uri),
+            message,
+        };
+        let Some(signing) =
+            Signing::from_properties(&table.properties, &table.uri, self.sink.region.as_deref())
+                .map_err(refused)?
+        else {
+            return Ok(table.uri.clone());
+        };
+        if let Some(signer) = self.signer.get() {
+            return Ok(signer.local_uri.clone());
+        }
+        let credentials = crate::sinks::s3_credentials(&self.sink).map_err(refused)?;
+        let signer = sigv4::Forwarder::start(&table.uri, signing, credentials)
+            .await
+            .map_err(refused)?;
+        Ok(self.signer.get_or_init(|| signer).local_uri.clone())
     }
 
     /// The table, created from `batch`'s columns if it is missing and the
