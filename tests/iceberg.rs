@@ -460,8 +460,8 @@ impl Drop for RestCatalog {
 
 /// A `rest` table sink on the catalog at `uri`; `auth` is the rest of the
 /// `table = { ... }` line (token or properties).
-fn rest_sink(s3: &S3Server, uri: &str, auth: &str, commit_every: &str) -> String {
-    table_sink(s3, "unused", commit_every, 250).replace(
+fn rest_sink(s3: &S3Server, uri: &str, auth: &str, commit_every: &str, max_records: u64) -> String {
+    table_sink(s3, "unused", commit_every, max_records).replace(
         "catalog = \"sql\", uri = \"unused\"",
         &format!("catalog = \"rest\", uri = \"{uri}\", {auth}"),
     )
@@ -476,7 +476,13 @@ async fn rest_round_trip(name: &str, token: &str, auth: &str) {
     let s3 = S3Server::start(scratch.path(), "lake");
     let rest = RestCatalog::start(&py, &scratch, &s3, token);
     let port = free_port();
-    let sink = rest_sink(&s3, &format!("http://127.0.0.1:{}", rest.port), auth, "1s");
+    let sink = rest_sink(
+        &s3,
+        &format!("http://127.0.0.1:{}", rest.port),
+        auth,
+        "1s",
+        250,
+    );
     let cfg = config::agent(name) + &config::http_source("readings", port, None, "4MiB") + &sink;
     let mut agent = Agent::start(&scratch.join("agent"), &cfg);
     agent
@@ -564,8 +570,8 @@ async fn a_kill_after_a_commit_the_agent_never_heard_of_appends_nothing_twice() 
         &format!("http://127.0.0.1:{}", proxy.port),
         "token = \"t0ken\"",
         "2s",
-    )
-    .replace("max_records = 250", "max_records = 100");
+        100,
+    );
     let cfg = config::agent("gw-lost-reply")
         + &config::http_source("readings", port, None, "4MiB")
         + &sink;
@@ -607,13 +613,7 @@ async fn a_kill_after_a_commit_the_agent_never_heard_of_appends_nothing_twice() 
         deadline(60),
         "600 rows uploaded again and committed",
         || {
-            let uploaded: u64 = agent
-                .log_run()
-                .lines()
-                .filter(|l| l.contains("uploaded object"))
-                .filter_map(|l| agent::field(l, "records")?.parse::<u64>().ok())
-                .sum();
-            uploaded == 600
+            agent.uploaded_records_this_run() == 600
                 && committed_objects(&agent, "objects") == agent.count_log("uploaded object") as u64
         },
     )

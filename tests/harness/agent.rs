@@ -177,11 +177,12 @@ impl Agent {
 
     /// Sum of `records=N` over `uploaded object` lines of all runs.
     pub fn uploaded_records(&self) -> u64 {
-        self.log_all()
-            .lines()
-            .filter(|l| l.contains("uploaded object"))
-            .filter_map(|l| field(l, "records").and_then(|v| v.parse::<u64>().ok()))
-            .sum()
+        uploaded_records_in(&self.log_all())
+    }
+
+    /// Sum of `records=N` over `uploaded object` lines of the current run.
+    pub fn uploaded_records_this_run(&self) -> u64 {
+        uploaded_records_in(&self.log_run())
     }
 
     /// Exit status if the process has exited (reaps it).
@@ -284,6 +285,13 @@ impl Drop for Agent {
 }
 
 /// Value of `name=value` in a tracing text log line (quotes stripped).
+fn uploaded_records_in(log: &str) -> u64 {
+    log.lines()
+        .filter(|l| l.contains("uploaded object"))
+        .filter_map(|l| field(l, "records").and_then(|v| v.parse::<u64>().ok()))
+        .sum()
+}
+
 pub fn field(line: &str, name: &str) -> Option<String> {
     let pat = format!("{name}=");
     let mut search = 0;
