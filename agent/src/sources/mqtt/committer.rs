@@ -8,7 +8,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::COMMIT_GROUP;
-use super::link::{Client, Message};
+use super::link::{Ack, Message};
 use super::redelivery::{self, Redelivery};
 use crate::event::now_ms;
 use crate::spool::SpoolError;
@@ -29,7 +29,8 @@ pub(super) struct Committer {
     pub source: String,
     pub topic_fields: Vec<String>,
     pub ingest: Ingest,
-    pub client: Client,
+    /// To the connection task, which owns the connection the acks go on.
+    pub acks: mpsc::UnboundedSender<Vec<Ack>>,
     pub stop: CancellationToken,
 }
 
@@ -158,10 +159,12 @@ impl Committer {
                 "mqtt group committed; acking"
             );
         }
-        for message in part {
-            if let Err(e) = self.client.ack(message).await {
-                tracing::warn!(source, error = %e, "mqtt ack not sent; the broker will redeliver");
-            }
+        let acks: Vec<Ack> = part.iter().filter_map(Message::ack).collect();
+        if !acks.is_empty() && self.acks.send(acks).is_err() {
+            tracing::warn!(
+                source,
+                "mqtt acks not sent: the connection has stopped; the broker will redeliver"
+            );
         }
         true
     }

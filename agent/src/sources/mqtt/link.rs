@@ -23,6 +23,26 @@ pub(super) struct Message {
     /// MQTT 5 user properties, which become event attributes (names
     /// starting with `silt.` are reserved and left out).
     pub properties: Vec<(String, String)>,
+    /// Which connection of the event loop it came in on.
+    pub connection: u64,
+}
+
+/// The PUBACK owed to one committed QoS 1 message.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Ack {
+    pkid: u16,
+    connection: u64,
+}
+
+impl Message {
+    /// What the broker is owed once this message is committed: nothing at
+    /// QoS 0 (a QoS 1 subscription never receives QoS 2).
+    pub fn ack(&self) -> Option<Ack> {
+        (self.qos == QoS::AtLeastOnce).then_some(Ack {
+            pkid: self.pkid,
+            connection: self.connection,
+        })
+    }
 }
 
 /// What the source acts on from one poll of the event loop.
@@ -46,9 +66,18 @@ pub(super) enum Client {
     V5(v5::AsyncClient),
 }
 
-pub(super) enum EventLoop {
+pub(super) struct EventLoop {
+    inner: Inner,
+    /// Counts the connections made; a PUBACK goes only on the connection
+    /// its PUBLISH came in on.
+    connection: u64,
+}
+
+enum Inner {
     V3(Box<rumqttc::EventLoop>),
-    V5(Box<v5::EventLoop>),
+    /// rumqttc's v5 event loop keeps its connection private: acks go
+    /// through the client.
+    V5(Box<v5::EventLoop>, v5::AsyncClient),
 }
 
 /// The client and its event loop for `config`. Nothing connects until the
@@ -82,7 +111,8 @@ pub(super) fn build(
             options.set_transport(transport);
         }
         let (client, eventloop) = v5::AsyncClient::new(options, capacity);
-        return Ok((Client::V5(client), EventLoop::V5(Box::new(eventloop))));
+        let inner = Inner::V5(Box::new(eventloop), client.clone());
+        return Ok((Client::V5(client), EventLoop::new(inner)));
     }
     let mut options = MqttOptions::new(client_id, host, port);
     options
@@ -98,7 +128,10 @@ pub(super) fn build(
         options.set_transport(transport);
     }
     let (client, eventloop) = rumqttc::AsyncClient::new(options, capacity);
-    Ok((Client::V3(client), EventLoop::V3(Box::new(eventloop))))
+    Ok((
+        Client::V3(client),
+        EventLoop::new(Inner::V3(Box::new(eventloop))),
+    ))
 }
 
 fn transport(config: &MqttSourceConfig) -> Result<Transport, MqttError> {
@@ -138,27 +171,6 @@ impl Client {
         }
     }
 
-    /// PUBACKs `message`; nothing for QoS 0.
-    pub async fn ack(&self, message: &Message) -> Result<(), String> {
-        if message.qos == QoS::AtMostOnce {
-            return Ok(());
-        }
-        // The clients build the PUBACK from the packet id and QoS alone.
-        match self {
-            Client::V3(c) => {
-                let mut publish = rumqttc::Publish::new("", message.qos, Vec::new());
-                publish.pkid = message.pkid;
-                c.ack(&publish).await.map_err(|e| e.to_string())
-            }
-            Client::V5(c) => {
-                let mut publish =
-                    v5::mqttbytes::v5::Publish::new("", qos5(message.qos), Vec::new(), None);
-                publish.pkid = message.pkid;
-                c.ack(&publish).await.map_err(|e| e.to_string())
-            }
-        }
-    }
-
     pub fn disconnect(&self) {
         let _ = match self {
             Client::V3(c) => c.try_disconnect().map_err(|e| e.to_string()),
@@ -184,10 +196,27 @@ fn qos3(qos: QoS5) -> QoS {
 }
 
 impl EventLoop {
+    fn new(inner: Inner) -> EventLoop {
+        EventLoop {
+            inner,
+            connection: 0,
+        }
+    }
+
     /// The next event; an error is a lost connection, to be retried.
     pub async fn poll(&mut self) -> Result<Polled, String> {
-        match self {
-            EventLoop::V3(el) => {
+        let mut polled = self.poll_inner().await?;
+        match &mut polled {
+            Polled::Connected { .. } => self.connection += 1,
+            Polled::Message(message) => message.connection = self.connection,
+            _ => {}
+        }
+        Ok(polled)
+    }
+
+    async fn poll_inner(&mut self) -> Result<Polled, String> {
+        match &mut self.inner {
+            Inner::V3(el) => {
                 use rumqttc::{Event, Outgoing, Packet};
                 Ok(match el.poll().await.map_err(|e| e.to_string())? {
                     Event::Incoming(Packet::ConnAck(ack)) => Polled::Connected {
@@ -206,12 +235,13 @@ impl EventLoop {
                         qos: p.qos,
                         dup: p.dup,
                         properties: Vec::new(),
+                        connection: 0,
                     }),
                     Event::Outgoing(Outgoing::Disconnect) => Polled::Disconnected,
                     _ => Polled::Other,
                 })
             }
-            EventLoop::V5(el) => {
+            Inner::V5(el, _) => {
                 use rumqttc::Outgoing;
                 use v5::Event;
                 use v5::mqttbytes::v5::{Packet, SubscribeReasonCode as Code};
@@ -232,6 +262,33 @@ impl EventLoop {
             }
         }
     }
+
+    /// Sends the PUBACKs of committed messages, in order, with one write:
+    /// rumqttc's manual acks write and flush each on its own, a syscall and
+    /// an event loop turn per message. PUBACKs owed on an earlier
+    /// connection are not sent: the broker redelivers those messages and
+    /// the redelivery marks ack them without storing them again.
+    pub async fn send_acks(&mut self, acks: &[Ack]) -> Result<(), String> {
+        let mut current = acks.iter().filter(|a| a.connection == self.connection);
+        match &mut self.inner {
+            Inner::V3(el) => {
+                let Some(network) = el.network.as_mut() else {
+                    return Ok(());
+                };
+                for ack in current {
+                    let puback = rumqttc::Packet::PubAck(rumqttc::PubAck::new(ack.pkid));
+                    network.write(puback).await.map_err(|e| e.to_string())?;
+                }
+                network.flush().await.map_err(|e| e.to_string())
+            }
+            Inner::V5(_, client) => current.try_for_each(|ack| {
+                let mut publish =
+                    v5::mqttbytes::v5::Publish::new("", QoS5::AtLeastOnce, Vec::new(), None);
+                publish.pkid = ack.pkid;
+                client.try_ack(&publish).map_err(|e| e.to_string())
+            }),
+        }
+    }
 }
 
 fn message5(p: v5::mqttbytes::v5::Publish) -> Message {
@@ -249,6 +306,7 @@ fn message5(p: v5::mqttbytes::v5::Publish) -> Message {
         qos: qos3(p.qos),
         dup: p.dup,
         properties,
+        connection: 0,
     }
 }
 

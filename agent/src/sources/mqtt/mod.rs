@@ -21,7 +21,7 @@ use crate::config::MqttSourceConfig;
 use crate::metrics::Metrics;
 use crate::transform::Ingest;
 use committer::{Committer, Incoming};
-use link::{Client, EventLoop, Message, Polled};
+use link::{Ack, Client, EventLoop, Message, Polled};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
@@ -100,12 +100,15 @@ impl MqttSource {
     pub async fn run(self, shutdown: CancellationToken) {
         let client = self.client;
         let (tx, rx) = mpsc::channel(COMMIT_GROUP * 2);
+        // Unbounded so the committer never waits on the connection task,
+        // which may be waiting on it; the in-flight byte budget bounds it.
+        let (acks_tx, acks) = mpsc::unbounded_channel();
         let committer_done = CancellationToken::new();
         let committer = Committer {
             source: self.name.clone(),
             topic_fields: self.config.topic_fields.clone(),
             ingest: self.ingest.clone(),
-            client: client.clone(),
+            acks: acks_tx,
             stop: shutdown.clone(),
         };
         let committer = tokio::spawn(committer.run(rx, committer_done.clone()));
@@ -125,7 +128,7 @@ impl MqttSource {
             client: &client,
             metrics: &self.metrics,
         };
-        conn.drive(self.eventloop, tx, &shutdown, committer_done)
+        conn.drive(self.eventloop, tx, acks, &shutdown, committer_done)
             .await;
         let _ = committer.await;
     }
@@ -176,10 +179,26 @@ impl Connection<'_> {
         self.budget.clone().acquire_many_owned(cost).await.ok()
     }
 
+    /// Sends `owed` and every ack already waiting behind it.
+    async fn send_acks(
+        &self,
+        eventloop: &mut EventLoop,
+        mut owed: Vec<Ack>,
+        acks: &mut mpsc::UnboundedReceiver<Vec<Ack>>,
+    ) {
+        while let Ok(more) = acks.try_recv() {
+            owed.extend(more);
+        }
+        if let Err(e) = eventloop.send_acks(&owed).await {
+            tracing::warn!(source = self.name, acks = owed.len(), error = %e, "mqtt acks not sent; the broker will redeliver");
+        }
+    }
+
     async fn drive(
         &self,
         mut eventloop: EventLoop,
         tx: mpsc::Sender<Incoming>,
+        mut acks: mpsc::UnboundedReceiver<Vec<Ack>>,
         shutdown: &CancellationToken,
         committer_done: CancellationToken,
     ) {
@@ -202,6 +221,10 @@ impl Connection<'_> {
                     forgetting = None;
                     // Without a committer nothing could be acked.
                     subscribe &= forgotten.is_ok();
+                    continue;
+                }
+                Some(owed) = acks.recv() => {
+                    self.send_acks(&mut eventloop, owed, &mut acks).await;
                     continue;
                 }
                 _ = shutdown.cancelled(), if tx.is_some() => {
@@ -267,6 +290,9 @@ impl Connection<'_> {
                     }
                 }
             }
+        }
+        if let Ok(owed) = acks.try_recv() {
+            self.send_acks(&mut eventloop, owed, &mut acks).await;
         }
         self.metrics.mqtt_connected(self.name, false);
         self.client.disconnect();

@@ -196,6 +196,7 @@ mod tests {
             qos: QoS::AtLeastOnce,
             dup,
             properties: Vec::new(),
+            connection: 0,
         }
     }
 
