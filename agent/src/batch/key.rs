@@ -128,6 +128,25 @@ impl KeyTemplate {
         self.render_with(agent, sink, event, None)
     }
 
+    /// How long the partitions of this template stay the same for events
+    /// received one after another: the span of its finest time placeholder
+    /// (a day for `{MM}` and `{yyyy}`, which change only at midnight UTC),
+    /// forever without one, `None` when data placeholders make each event
+    /// render on its own.
+    fn partition_span_ms(&self) -> Option<i64> {
+        let mut span = i64::MAX;
+        for part in &self.parts {
+            span = span.min(match part {
+                Part::Attr(_) | Part::Field(_) => return None,
+                Part::Minute => 60_000,
+                Part::Hour => 3_600_000,
+                Part::Day | Part::Month | Part::Year => 86_400_000,
+                Part::Literal(_) | Part::Agent | Part::Sink | Part::Batch => i64::MAX,
+            });
+        }
+        Some(span)
+    }
+
     /// The same key with and without the batch number, so an object's key
     /// always starts with its partition.
     fn render_with(&self, agent: &str, sink: &str, event: &Event, batch: Option<u64>) -> String {
@@ -205,6 +224,45 @@ impl KeyTemplate {
     }
 }
 
+/// Renders partitions for the spool, once per time span for templates
+/// without data placeholders: it runs for every event on the spool writer.
+pub struct Partitioner {
+    template: KeyTemplate,
+    agent: String,
+    sink: String,
+    span_ms: Option<i64>,
+    /// The span and the partition rendered last.
+    last: std::sync::Mutex<Option<(i64, String)>>,
+}
+
+impl Partitioner {
+    pub fn new(template: KeyTemplate, agent: &str, sink: &str) -> Partitioner {
+        Partitioner {
+            span_ms: template.partition_span_ms(),
+            template,
+            agent: agent.to_string(),
+            sink: sink.to_string(),
+            last: std::sync::Mutex::new(None),
+        }
+    }
+
+    pub fn partition(&self, event: &Event) -> String {
+        let Some(span_ms) = self.span_ms else {
+            return self.template.partition(&self.agent, &self.sink, event);
+        };
+        let span = event.ts_ms.div_euclid(span_ms);
+        let mut last = self.last.lock().expect("lock");
+        match &*last {
+            Some((at, partition)) if *at == span => partition.clone(),
+            _ => {
+                let partition = self.template.partition(&self.agent, &self.sink, event);
+                *last = Some((span, partition.clone()));
+                partition
+            }
+        }
+    }
+}
+
 /// The payload's top-level fields, if it is a JSON object.
 fn top_level_fields(
     payload: &[u8],
@@ -248,6 +306,52 @@ fn push_value(out: &mut String, value: Option<&str>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_partitioner_renders_what_the_template_does_across_span_edges() {
+        let templates = [
+            "{sink}/{yyyy}/{MM}/{dd}/{HH}/{mm}/{agent}-{batch}.gz",
+            "{sink}/{yyyy}/{MM}/{dd}/{HH}/{batch}.gz",
+            "{sink}/year={yyyy}/month={MM}/{batch}.gz",
+            "{sink}/{batch}.gz",
+            "{sink}/site={attr.site}/{HH}/{batch}.gz",
+            "{sink}/{field.device}/{batch}.gz",
+        ];
+        let minute = 60_000;
+        let day = 86_400_000;
+        // Around midnight at a month's and a year's end, and before 1970.
+        let ts: Vec<i64> = [1_798_761_600_000i64, 1_796_083_200_000, 0, -day]
+            .into_iter()
+            .flat_map(|edge| {
+                [
+                    -minute - 1,
+                    -minute,
+                    -1,
+                    0,
+                    1,
+                    minute - 1,
+                    minute,
+                    3_600_000,
+                ]
+                .map(|d| edge + d)
+            })
+            .collect();
+        for template in templates {
+            let parsed = KeyTemplate::parse(template).unwrap();
+            let partitioner = Partitioner::new(parsed.clone(), "gw", "lake");
+            for (i, ts) in ts.iter().enumerate() {
+                let mut event = Event::new(*ts, "t", format!(r#"{{"device":"d{}"}}"#, i % 3));
+                event
+                    .attributes
+                    .push(("site".into(), format!("s{}", i % 2)));
+                assert_eq!(
+                    partitioner.partition(&event),
+                    parsed.partition("gw", "lake", &event),
+                    "{template} at {ts}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn renders_every_placeholder() {
