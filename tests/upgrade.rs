@@ -1,8 +1,9 @@
-//! A spool written by silt 0.1.0 (one sled value per event, before chunks)
-//! is migrated on the first start of this silt, and everything in it, the
-//! batch sealed before the upgrade and the unsealed rest, reaches the lake
-//! exactly once. The fixture comes from the old binary
-//! (tests/fixtures/make-spool-v0.1.0.sh).
+//! A spool written by an earlier silt is read on the first start of this
+//! one, and everything in it, the batch sealed before the upgrade and the
+//! unsealed rest, reaches the lake exactly once: silt 0.1.0's (one sled
+//! value per event, before chunks) is migrated, and chunks of version 2
+//! are read as they are. The fixtures come from the old binaries
+//! (tests/fixtures/make-spool.sh).
 
 mod harness;
 
@@ -26,8 +27,21 @@ fn copy_dir(from: &Path, to: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spool_of_the_previous_release_is_migrated_and_drained_exactly_once() {
-    let scratch = Scratch::new("upgrade");
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/spool-v0.1.0");
+    drains_exactly_once("spool-v0.1.0", 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_of_version_2_chunks_drains_exactly_once() {
+    drains_exactly_once("spool-chunks-v2", 0).await;
+}
+
+/// Starts on a copy of `fixture`; `migrations` is how often the log must
+/// say the spool was migrated.
+async fn drains_exactly_once(fixture: &str, migrations: usize) {
+    let scratch = Scratch::new(fixture);
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(fixture);
     copy_dir(&fixture, &scratch.join("agent/data"));
     let lake = scratch.join("lake");
     let config = format!(
@@ -82,12 +96,12 @@ async fn spool_of_the_previous_release_is_migrated_and_drained_exactly_once() {
     }
     assert_eq!(
         agent.count_log("migrated spool records to the chunk format"),
-        1
+        migrations
     );
     assert_eq!(
         agent.count_log("uploading batch sealed earlier"),
         1,
-        "the batch sealed by 0.1.0 goes out as it was sealed"
+        "the batch sealed before the upgrade goes out as it was sealed"
     );
     agent
         .sigterm_and_wait(std::time::Duration::from_secs(20))

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use super::SpoolError;
-use super::chunk::{self, ChunkRef, DecodeError};
+use super::chunk::{self, ChunkBuilder, ChunkRef, DecodeError};
 pub(super) use super::partitions::OpenPartition;
 use super::partitions::Partitions;
 use super::segments::{self, Segments};
@@ -25,8 +25,7 @@ const CHUNK_TARGET: usize = 256 * 1024;
 /// Events of one partition added during the current group commit.
 struct Run {
     partition: u64,
-    chunk: Vec<u8>,
-    count: u32,
+    chunk: ChunkBuilder,
     bytes: u64,
     first_ts: i64,
 }
@@ -148,20 +147,16 @@ impl SinkLog {
     pub fn add(&mut self, event: &Event, len: u64) {
         let partition = self.partition_for(event);
         let i = *self.filling.entry(partition).or_insert_with(|| {
-            let mut chunk = Vec::with_capacity(4096);
-            chunk::start_chunk(&mut chunk);
             self.runs.push(Run {
                 partition,
-                chunk,
-                count: 0,
+                chunk: ChunkBuilder::new(),
                 bytes: 0,
                 first_ts: event.ts_ms,
             });
             self.runs.len() - 1
         });
         let run = &mut self.runs[i];
-        chunk::put_event(&mut run.chunk, event);
-        run.count += 1;
+        run.chunk.push(event);
         run.bytes += len;
         if run.chunk.len() >= CHUNK_TARGET {
             self.filling.remove(&partition);
@@ -178,19 +173,20 @@ impl SinkLog {
     pub fn write_chunks(&mut self) -> Result<Vec<(u64, ChunkRef)>, SpoolError> {
         self.filling.clear();
         let mut written = Vec::with_capacity(self.runs.len());
-        for mut run in std::mem::take(&mut self.runs) {
-            chunk::seal_chunk(&mut run.chunk, run.count);
+        for run in std::mem::take(&mut self.runs) {
+            let count = run.chunk.count();
+            let chunk = run.chunk.finish();
             let (segment, offset) = self
                 .segments
-                .append(&run.chunk)
+                .append(&chunk)
                 .map_err(|e| SpoolError::Storage(sled::Error::Io(e)))?;
             self.segments.add_ref(segment);
             let r = ChunkRef {
                 segment,
                 offset,
-                len: run.chunk.len() as u32,
+                len: chunk.len() as u32,
                 skip: 0,
-                count: run.count,
+                count,
                 bytes: run.bytes,
                 first_ts: run.first_ts,
             };
