@@ -44,6 +44,8 @@ pub enum DecodeError {
     NotUtf8(&'static str),
     #[error("{0} trailing bytes")]
     Trailing(usize),
+    #[error("{0} field is not in the form silt writes")]
+    NotCanonical(&'static str),
 }
 
 /// What one event counts against `spool.max_bytes` and batch limits: its
@@ -254,16 +256,25 @@ impl<'a> Reader<'a> {
         utf8(bytes, field)
     }
 
+    /// A LEB128 varint in its shortest form: the encoder writes no other,
+    /// so a chunk has exactly one encoding.
     fn varint(&mut self, field: &'static str) -> Result<u64, DecodeError> {
         let mut n = 0u64;
         for shift in (0..64).step_by(7) {
             let byte = self.take(1, field)?[0];
-            n |= u64::from(byte & 0x7f) << shift;
+            let bits = u64::from(byte & 0x7f);
+            if (bits << shift) >> shift != bits {
+                return Err(DecodeError::NotCanonical(field));
+            }
+            n |= bits << shift;
             if byte & 0x80 == 0 {
+                if byte == 0 && shift > 0 {
+                    return Err(DecodeError::NotCanonical(field));
+                }
                 return Ok(n);
             }
         }
-        Err(DecodeError::Truncated(field))
+        Err(DecodeError::NotCanonical(field))
     }
 
     fn varint_bytes(&mut self, field: &'static str) -> Result<&'a [u8], DecodeError> {
@@ -293,7 +304,11 @@ impl<'a> Reader<'a> {
             0 => {}
             n => {
                 let len = usize::try_from(n - 1).map_err(|_| DecodeError::Truncated("topic"))?;
-                self.prev_topic = utf8(self.take(len, "topic")?, "topic")?;
+                let topic = utf8(self.take(len, "topic")?, "topic")?;
+                if topic == self.prev_topic {
+                    return Err(DecodeError::NotCanonical("topic"));
+                }
+                self.prev_topic = topic;
             }
         }
         match self.varint("attribute count")? {
@@ -306,6 +321,9 @@ impl<'a> Reader<'a> {
                         self.varint_string("attribute key")?,
                         self.varint_string("attribute value")?,
                     ));
+                }
+                if attributes == self.prev_attributes {
+                    return Err(DecodeError::NotCanonical("attributes"));
                 }
                 self.prev_attributes = attributes;
             }
@@ -475,6 +493,36 @@ mod tests {
         // 1 byte of timestamp, topic, attributes and payload length each.
         let first = 6 + (1 + 14) + (1 + (1 + 4) + (1 + 6) + (1 + 1) + 1) + 1;
         assert_eq!(framing, first + 99 * 4);
+    }
+
+    #[test]
+    fn only_the_form_silt_writes_decodes() {
+        let e = sample(0);
+        let raw = encode_chunk(&[e.clone(), e.clone()]);
+        // The second event: 1-byte timestamp delta, then topic `0`.
+        let second = raw.len() - (1 + 1 + 1 + 1 + e.payload.len());
+        let rewrite = |at: usize, with: &[u8]| {
+            let mut bad = raw.clone();
+            bad.splice(at..at + 1, with.iter().copied());
+            with_checksum(bad)
+        };
+        assert_eq!(
+            decode_chunk(&rewrite(second + 1, &[0])).unwrap(),
+            [e.clone(), e.clone()]
+        );
+        let overlong_zero = rewrite(second + 1, &[0x80, 0x00]);
+        assert_eq!(
+            decode_chunk(&overlong_zero),
+            Err(DecodeError::NotCanonical("topic"))
+        );
+        let mut repeated = vec![15];
+        repeated.extend_from_slice(e.topic.as_bytes());
+        assert_eq!(
+            decode_chunk(&rewrite(second + 1, &repeated)),
+            Err(DecodeError::NotCanonical("topic"))
+        );
+        let too_wide = rewrite(second + 1, &[0xff; 10]);
+        assert!(decode_chunk(&too_wide).is_err());
     }
 
     #[test]
