@@ -226,7 +226,7 @@ impl KeyTemplate {
 
 /// Renders partitions for the spool, once per time span for templates
 /// without data placeholders: it runs for every event on the spool writer.
-pub struct Partitioner {
+pub struct PartitionCache {
     template: KeyTemplate,
     agent: String,
     sink: String,
@@ -235,9 +235,9 @@ pub struct Partitioner {
     last: std::sync::Mutex<Option<(i64, String)>>,
 }
 
-impl Partitioner {
-    pub fn new(template: KeyTemplate, agent: &str, sink: &str) -> Partitioner {
-        Partitioner {
+impl PartitionCache {
+    pub fn new(template: KeyTemplate, agent: &str, sink: &str) -> PartitionCache {
+        PartitionCache {
             span_ms: template.partition_span_ms(),
             template,
             agent: agent.to_string(),
@@ -308,7 +308,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_partitioner_renders_what_the_template_does_across_span_edges() {
+    fn the_partition_cache_renders_what_the_template_does_across_span_edges() {
         let templates = [
             "{sink}/{yyyy}/{MM}/{dd}/{HH}/{mm}/{agent}-{batch}.gz",
             "{sink}/{yyyy}/{MM}/{dd}/{HH}/{batch}.gz",
@@ -338,14 +338,14 @@ mod tests {
             .collect();
         for template in templates {
             let parsed = KeyTemplate::parse(template).unwrap();
-            let partitioner = Partitioner::new(parsed.clone(), "gw", "lake");
+            let cache = PartitionCache::new(parsed.clone(), "gw", "lake");
             for (i, ts) in ts.iter().enumerate() {
                 let mut event = Event::new(*ts, "t", format!(r#"{{"device":"d{}"}}"#, i % 3));
                 event
                     .attributes
                     .push(("site".into(), format!("s{}", i % 2)));
                 assert_eq!(
-                    partitioner.partition(&event),
+                    cache.partition(&event),
                     parsed.partition("gw", "lake", &event),
                     "{template} at {ts}"
                 );

@@ -526,10 +526,10 @@ impl Batcher {
 /// prefix, so one object never mixes partitions.
 pub fn sink_spec(agent: &str, name: &str, config: &SinkConfig) -> Result<SinkSpec, String> {
     let template = KeyTemplate::parse(&config.key()).map_err(|e| format!("sink {name}: {e}"))?;
-    let partitioner = key::Partitioner::new(template, agent, name);
+    let partitions = key::PartitionCache::new(template, agent, name);
     Ok(SinkSpec {
         name: name.to_string(),
-        partition_of: Arc::new(move |event| partitioner.partition(event)),
+        partition_of: Arc::new(move |event| partitions.partition(event)),
     })
 }
 
