@@ -18,7 +18,7 @@
 #      TARGET from source (-Zbuild-std, hence RUSTC_BOOTSTRAP), linked by
 #      Debian's cross gcc, in target/cross (its own target dir: another rustc
 #      would invalidate every artifact of the host builds in target/).
-# The C code in the tree (aws-lc-sys, ring, zstd-sys, wasmtime's helpers) is
+# The C code in the tree (ring, zstd-sys, libdeflate, SQLite, wasmtime's helpers) is
 # compiled with the same cross gcc (CC_<target>, AR_<target>).
 # Missing Debian packages are installed (apt needs root). Re-running is cheap:
 # cargo does nothing when sources are unchanged.

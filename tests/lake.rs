@@ -359,7 +359,9 @@ async fn storage_class_and_metadata_on_every_put_and_multipart_upload() {
     post_readings(&client, (0..5).map(payload).collect()).await;
     // 12 MiB: three parts of a multipart upload.
     let video: Vec<u8> = (0..12 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
-    let put = reqwest::Client::new()
+    let put = harness::http::client_builder()
+        .build()
+        .unwrap()
         .put(format!(
             "http://127.0.0.1:{port}/v1/media/cam-1/clip.mp4?site=plant-1"
         ))

@@ -693,7 +693,7 @@ fn metric_sum(text: &str, name: &str) -> Option<f64> {
 
 async fn scrape(port: u16) -> Result<String, String> {
     let url = format!("http://127.0.0.1:{port}/metrics");
-    let client = reqwest::Client::builder()
+    let client = harness::http::client_builder()
         .no_proxy()
         .timeout(Duration::from_secs(5))
         .build()

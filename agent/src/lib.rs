@@ -19,6 +19,7 @@ pub mod sources;
 pub mod spool;
 #[cfg(feature = "iceberg")]
 pub mod table;
+pub mod tls;
 pub mod transform;
 
 use std::collections::HashMap;

@@ -137,9 +137,17 @@ impl Reply {
     }
 }
 
+/// A reqwest client builder. reqwest takes its TLS from the process's
+/// rustls provider, which silt installs (ring); without it, building any
+/// client panics, even one that only speaks plain HTTP.
+pub fn client_builder() -> reqwest::ClientBuilder {
+    silt::tls::provider();
+    reqwest::Client::builder()
+}
+
 impl HttpClient {
     pub fn new(port: u16, token: Option<&str>) -> HttpClient {
-        let client = reqwest::Client::builder()
+        let client = client_builder()
             .no_proxy()
             .timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(16)

@@ -130,6 +130,7 @@ type CachedObject = (u64, Vec<LakeRecord>, Vec<(String, String)>);
 /// downloaded are cached and polling only fetches new keys.
 /// An object_store client for the test server's bucket.
 pub fn s3_client(s3: &S3Server, timeout: Duration) -> AmazonS3 {
+    silt::tls::provider();
     AmazonS3Builder::new()
         // Client options first: with_client_options replaces allow_http.
         .with_client_options(ClientOptions::new().with_timeout(timeout))

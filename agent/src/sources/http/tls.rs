@@ -38,11 +38,11 @@ const RECHECK_EVERY: Duration = Duration::from_secs(1);
 /// The acceptor for a source's `tls` table; fails at start on any file
 /// that does not load, so a typo never turns into a plain-text port.
 pub fn acceptor(config: &HttpTlsConfig) -> Result<TlsAcceptor, TlsError> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = crate::tls::provider();
     let certificate = RotatingCertificate::load(config, provider.clone())?;
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .expect("aws-lc-rs serves TLS 1.2 and 1.3");
+        .expect("ring serves TLS 1.2 and 1.3");
     let builder = match &config.client_ca_file {
         Some(path) => {
             let client_ca = |error: String| TlsError::ClientCa {

@@ -135,6 +135,7 @@ pub(super) fn build(
 }
 
 fn transport(config: &MqttSourceConfig) -> Result<Transport, MqttError> {
+    crate::tls::provider();
     let Some(ca) = &config.ca_file else {
         return Ok(Transport::tls_with_default_config());
     };
