@@ -165,7 +165,7 @@ async fn refused_batches_go_to_dead_letter_and_replay_under_their_keys() {
         "the media file moved to dead-letter: {:?}",
         harness::media::media_files(&agent.data_dir)
     );
-    let metrics = reqwest::get(format!("http://127.0.0.1:{api}/metrics"))
+    let metrics = harness::http::get(&format!("http://127.0.0.1:{api}/metrics"))
         .await
         .unwrap()
         .text()

@@ -215,7 +215,7 @@ async fn slow_clients_are_cut_and_a_normal_client_gets_through() {
         "1,500 slow clients cost {:.1} MiB of RSS; the README promises at most {RSS_BOUND_MIB} MiB",
         mib(peak_rss)
     );
-    let metrics = reqwest::get(format!("http://127.0.0.1:{api}/metrics"))
+    let metrics = harness::http::get(&format!("http://127.0.0.1:{api}/metrics"))
         .await
         .unwrap()
         .text()

@@ -17,7 +17,7 @@ struct Api {
 impl Api {
     async fn get(&self, path: &str) -> Result<(u16, String), String> {
         let url = format!("http://127.0.0.1:{}{path}", self.port);
-        let resp = reqwest::get(&url)
+        let resp = harness::http::get(&url)
             .await
             .map_err(|e| format!("GET {url}: {e}"))?;
         let status = resp.status().as_u16();

@@ -145,6 +145,12 @@ pub fn client_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
 }
 
+/// GET `url` with a fresh client (what `reqwest::get` does, with silt's
+/// crypto provider installed first).
+pub async fn get(url: &str) -> reqwest::Result<reqwest::Response> {
+    client_builder().build()?.get(url).send().await
+}
+
 impl HttpClient {
     pub fn new(port: u16, token: Option<&str>) -> HttpClient {
         let client = client_builder()

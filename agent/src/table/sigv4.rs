@@ -43,6 +43,7 @@ impl Forwarder {
         signing: Signing,
         credentials: AwsCredentialProvider,
     ) -> Result<Forwarder, String> {
+        crate::tls::provider();
         let options = ClientOptions::new().with_allow_http(upstream.starts_with("http://"));
         let client = ReqwestConnector::default()
             .connect(&options)
