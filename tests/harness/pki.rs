@@ -98,7 +98,7 @@ pub async fn connect(
     ca_file: &Path,
     client: Option<&Issued>,
 ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = silt::tls::provider();
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(ca_file).unwrap() {
         roots.add(cert.unwrap()).unwrap();
@@ -213,13 +213,11 @@ pub fn acceptor(cert: &Issued) -> tokio_rustls::TlsAcceptor {
         .map(Result::unwrap)
         .collect();
     let key = PrivateKeyDer::from_pem_file(&cert.key_file).unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(chain, key)
-    .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(silt::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
     tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }

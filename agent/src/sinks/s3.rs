@@ -9,10 +9,11 @@ use object_store::{BackoffConfig, Certificate, ClientOptions, RetryConfig};
 use crate::config::SinkConfig;
 
 pub(super) fn build(config: &SinkConfig) -> Result<Arc<AmazonS3>, String> {
+    // object_store's reqwest client takes TLS from the process default.
+    crate::tls::provider();
     let bucket = config.bucket.as_deref().unwrap_or_default();
     // Credentials and region from the environment (AWS_*) first, so keys in
     // the config override them.
-    crate::tls::provider();
     let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
     if config.region.is_some() || std::env::var_os("AWS_REGION").is_none() {
         builder = builder.with_region(config.region.as_deref().unwrap_or("us-east-1"));
