@@ -429,7 +429,14 @@ struct RestCatalog {
 }
 
 impl RestCatalog {
-    fn start(py: &std::path::Path, scratch: &Scratch, s3: &S3Server, token: &str) -> RestCatalog {
+    /// With `tls` (a server certificate), the catalog speaks HTTPS.
+    fn start(
+        py: &std::path::Path,
+        scratch: &Scratch,
+        s3: &S3Server,
+        token: &str,
+        tls: Option<&pki::Issued>,
+    ) -> RestCatalog {
         let port = free_port();
         let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../tests/fixtures/iceberg_rest_catalog.py");
@@ -442,6 +449,7 @@ impl RestCatalog {
             .arg(format!("s3://{}/warehouse", s3.bucket))
             .arg(s3.endpoint())
             .args([S3_ACCESS_KEY, S3_SECRET_KEY])
+            .args(tls.iter().flat_map(|t| [&t.cert_file, &t.key_file]))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -467,22 +475,40 @@ fn rest_sink(s3: &S3Server, uri: &str, auth: &str, commit_every: &str, max_recor
     )
 }
 
+/// How the REST catalog of a round trip is reached.
+#[derive(Clone, Copy, PartialEq)]
+enum CatalogLink {
+    Http,
+    /// HTTPS with a certificate from a private CA, which the sink trusts
+    /// through its `ca_file`.
+    HttpsPrivateCa,
+}
+
 /// 1,550 rows through a REST catalog that checks `token` (a bearer token, or
 /// `sigv4:SERVICE:REGION`), read back through its backing SQL catalog.
-async fn rest_round_trip(name: &str, token: &str, auth: &str) {
+async fn rest_round_trip(name: &str, token: &str, auth: &str, link: CatalogLink) {
     let Some(py) = python::python() else { return };
     let t0 = Instant::now();
     let scratch = Scratch::new(name);
     let s3 = S3Server::start(scratch.path(), "lake");
-    let rest = RestCatalog::start(&py, &scratch, &s3, token);
+    let ca = pki::Ca::new(scratch.path(), "catalog-ca");
+    let tls = (link == CatalogLink::HttpsPrivateCa).then(|| ca.server("catalog"));
+    let rest = RestCatalog::start(&py, &scratch, &s3, token, tls.as_ref());
     let port = free_port();
-    let sink = rest_sink(
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut sink = rest_sink(
         &s3,
-        &format!("http://127.0.0.1:{}", rest.port),
+        &format!("{scheme}://127.0.0.1:{}", rest.port),
         auth,
         "1s",
         250,
     );
+    if tls.is_some() {
+        sink = sink.replace(
+            "[sinks.lake]\n",
+            &format!("[sinks.lake]\nca_file = \"{}\"\n", ca.cert_file.display()),
+        );
+    }
     let cfg = config::agent(name) + &config::http_source("readings", port, None, "4MiB") + &sink;
     let mut agent = Agent::start(&scratch.join("agent"), &cfg);
     agent
@@ -531,7 +557,26 @@ async fn rest_round_trip(name: &str, token: &str, auth: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rest_catalog_takes_the_same_commits() {
-    rest_round_trip("iceberg-rest", "t0ken", "token = \"t0ken\"").await;
+    rest_round_trip(
+        "iceberg-rest",
+        "t0ken",
+        "token = \"t0ken\"",
+        CatalogLink::Http,
+    )
+    .await;
+}
+
+/// A catalog behind HTTPS, its certificate signed by the operator's own CA
+/// (the sink's `ca_file`), as a self-hosted Polaris or Nessie often is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_rest_catalog_with_a_private_ca_takes_the_same_commits() {
+    rest_round_trip(
+        "iceberg-rest-tls",
+        "t0ken",
+        "token = \"t0ken\"",
+        CatalogLink::HttpsPrivateCa,
+    )
+    .await;
 }
 
 /// AWS Glue's and S3 Tables' Iceberg endpoints take SigV4-signed requests:
@@ -543,6 +588,7 @@ async fn a_sigv4_rest_catalog_takes_signed_commits() {
         "iceberg-sigv4",
         &format!("sigv4:glue:{S3_REGION}"),
         "properties = { \"rest.sigv4-enabled\" = \"true\", \"rest.signing-name\" = \"glue\" }",
+        CatalogLink::Http,
     )
     .await;
 }
@@ -558,7 +604,7 @@ async fn a_kill_after_a_commit_the_agent_never_heard_of_appends_nothing_twice() 
     let t0 = Instant::now();
     let scratch = Scratch::new("iceberg-lost-reply");
     let s3 = S3Server::start(scratch.path(), "lake");
-    let rest = RestCatalog::start(&py, &scratch, &s3, "t0ken");
+    let rest = RestCatalog::start(&py, &scratch, &s3, "t0ken", None);
     let proxy = Proxy::start(
         rest.port,
         Trap::HttpReplyTo("POST /v1/namespaces/telemetry/tables/readings "),

@@ -470,7 +470,8 @@ pub struct SinkConfig {
     #[serde(default)]
     pub secret_access_key_file: Option<PathBuf>,
     /// `s3`: PEM CA bundle trusted for the endpoint (a private CA in front
-    /// of MinIO or Ceph), in addition to the system roots.
+    /// of MinIO or Ceph) and the table's REST catalog, in addition to the
+    /// system roots.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
     /// Parquet: also append each object to this Iceberg table.

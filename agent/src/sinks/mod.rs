@@ -108,6 +108,9 @@ pub fn s3_credentials(
     Ok(s3::build(config)?.credentials().clone())
 }
 
+#[cfg(feature = "iceberg")]
+pub(crate) use s3::trusting_ca_file;
+
 /// What happened to a write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Written {

@@ -22,22 +22,10 @@ pub(super) fn build(config: &SinkConfig) -> Result<Arc<AmazonS3>, String> {
     // including the allow-http flag set below. No fixed request timeout:
     // the batcher gives each upload a deadline that grows with its size, so
     // a large object on a slow link is not cut off on every try.
-    let mut client = ClientOptions::new()
+    let client = ClientOptions::new()
         .with_connect_timeout(Duration::from_secs(5))
         .with_timeout_disabled();
-    if let Some(path) = &config.ca_file {
-        let pem = std::fs::read(path)
-            .map_err(|e| format!("cannot read ca_file {}: {e}", path.display()))?;
-        let certs = Certificate::from_pem_bundle(&pem)
-            .map_err(|e| format!("ca_file {} is not a PEM bundle: {e}", path.display()))?;
-        if certs.is_empty() {
-            return Err(format!("ca_file {} holds no certificate", path.display()));
-        }
-        for cert in certs {
-            client = client.with_root_certificate(cert);
-        }
-    }
-    builder = builder.with_client_options(client);
+    builder = builder.with_client_options(trusting_ca_file(client, config)?);
     if let Some(endpoint) = &config.endpoint {
         // AWS_ENDPOINT_URL_S3 from the environment would win over
         // `with_endpoint` at build; the config's endpoint is the operator's.
@@ -64,4 +52,26 @@ pub(super) fn build(config: &SinkConfig) -> Result<Arc<AmazonS3>, String> {
         .build()
         .map_err(|e| e.to_string())?;
     Ok(Arc::new(store))
+}
+
+/// `client` trusting the sink's `ca_file` too: for its S3 endpoint and for
+/// its table's REST catalog.
+pub(crate) fn trusting_ca_file(
+    mut client: ClientOptions,
+    config: &SinkConfig,
+) -> Result<ClientOptions, String> {
+    let Some(path) = &config.ca_file else {
+        return Ok(client);
+    };
+    let pem =
+        std::fs::read(path).map_err(|e| format!("cannot read ca_file {}: {e}", path.display()))?;
+    let certs = Certificate::from_pem_bundle(&pem)
+        .map_err(|e| format!("ca_file {} is not a PEM bundle: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("ca_file {} holds no certificate", path.display()));
+    }
+    for cert in certs {
+        client = client.with_root_certificate(cert);
+    }
+    Ok(client)
 }

@@ -10,8 +10,8 @@
 //! completes a batch only once its commit is found or made.
 
 mod catalog;
+mod forward;
 mod schema;
-mod sigv4;
 mod storage;
 
 use std::collections::{HashMap, HashSet};
@@ -27,6 +27,7 @@ use iceberg::writer::file_writer::{FileWriter, FileWriterBuilder, ParquetWriterB
 use iceberg::{Catalog, CatalogBuilder, ErrorKind, NamespaceIdent, TableCreation, TableIdent};
 use iceberg_catalog_rest::RestCatalogBuilder;
 use iceberg_catalog_sql::{SqlBindStyle, SqlCatalogBuilder};
+use object_store::ClientOptions;
 
 use crate::batch::{ParquetOptions, TemplatePart, writer_properties};
 use crate::config::{CatalogKind, Signing, SinkConfig, SinkKind, TableConfig};
@@ -111,8 +112,9 @@ pub struct TableSink {
     object_base: String,
     options: ParquetOptions,
     catalog: tokio::sync::OnceCell<Arc<dyn Catalog>>,
-    /// Signs a REST catalog's requests (SigV4) while the catalog is in use.
-    signer: std::sync::OnceLock<sigv4::Forwarder>,
+    /// Carries a REST catalog's requests (HTTPS, SigV4) while the catalog
+    /// is in use.
+    forwarder: std::sync::OnceLock<forward::Forwarder>,
 }
 
 impl TableSink {
@@ -155,7 +157,7 @@ impl TableSink {
             object_base,
             options,
             catalog: tokio::sync::OnceCell::new(),
-            signer: std::sync::OnceLock::new(),
+            forwarder: std::sync::OnceLock::new(),
         }
     }
 
@@ -228,28 +230,36 @@ impl TableSink {
         Ok(catalog.clone())
     }
 
-    /// Where the REST client sends its requests: the catalog, or a loopback
-    /// forwarder that signs them for it.
+    /// Where the REST client sends its requests: a plain-HTTP catalog
+    /// itself, or a loopback forwarder that does TLS and signing for it.
     async fn rest_uri(&self) -> Result<String, TableError> {
         let table = &self.config;
         let refused = |message: String| TableError::Catalog {
             uri: redact_uri(&table.uri),
             message,
         };
-        let Some(signing) =
+        let signing =
             Signing::from_properties(&table.properties, &table.uri, self.sink.region.as_deref())
-                .map_err(refused)?
-        else {
+                .map_err(refused)?;
+        if signing.is_none() && table.uri.starts_with("http://") {
             return Ok(table.uri.clone());
-        };
-        if let Some(signer) = self.signer.get() {
-            return Ok(signer.local_uri.clone());
         }
-        let credentials = crate::sinks::s3_credentials(&self.sink).map_err(refused)?;
-        let signer = sigv4::Forwarder::start(&table.uri, signing, credentials)
+        if let Some(forwarder) = self.forwarder.get() {
+            return Ok(forwarder.local_uri.clone());
+        }
+        let signer = match signing {
+            Some(signing) => Some(forward::Signer {
+                signing,
+                credentials: crate::sinks::s3_credentials(&self.sink).map_err(refused)?,
+            }),
+            None => None,
+        };
+        let options =
+            crate::sinks::trusting_ca_file(ClientOptions::new(), &self.sink).map_err(refused)?;
+        let forwarder = forward::Forwarder::start(&table.uri, options, signer)
             .await
             .map_err(refused)?;
-        Ok(self.signer.get_or_init(|| signer).local_uri.clone())
+        Ok(self.forwarder.get_or_init(|| forwarder).local_uri.clone())
     }
 
     /// The table, created from `batch`'s columns if it is missing and the

@@ -1,8 +1,10 @@
-//! AWS SigV4 for Iceberg REST catalogs that require it (AWS Glue's Iceberg
-//! endpoint, S3 Tables). iceberg-catalog-rest 0.10 cannot sign requests, so
-//! the catalog client talks to a loopback forwarder that signs each request
-//! with the sink's AWS credentials (object_store's signer and credential
-//! chain) and sends it on. The forwarder lives as long as its catalog.
+//! A REST catalog's requests go through silt's own HTTP client: a loopback
+//! forwarder in front of the catalog. iceberg-catalog-rest 0.10 brings its
+//! own reqwest 0.12 with no TLS and no way to sign a request, so HTTPS
+//! catalogs (with the sink's `ca_file` trusted, as for its S3 endpoint) and
+//! catalogs that require AWS SigV4 (AWS Glue's Iceberg endpoint, S3 Tables)
+//! are reached through object_store's client and signer instead. The
+//! forwarder lives as long as its catalog.
 
 use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -10,7 +12,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::header::{CONNECTION, HOST, HeaderName, TRANSFER_ENCODING};
+use hyper::header::{AUTHORIZATION, CONNECTION, HOST, HeaderName, TRANSFER_ENCODING};
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -28,37 +30,42 @@ pub struct Forwarder {
     _stop: DropGuard,
 }
 
+/// SigV4 for every request: the service and region, and whose keys.
+pub struct Signer {
+    pub signing: Signing,
+    pub credentials: AwsCredentialProvider,
+}
+
 struct Upstream {
     base: String,
-    signing: Signing,
-    credentials: AwsCredentialProvider,
+    signer: Option<Signer>,
     client: HttpClient,
 }
 
 impl Forwarder {
     /// Listens on a loopback port and forwards to `upstream` (the catalog's
-    /// URI, the part before `/v1/`), signing every request.
+    /// URI, the part before `/v1/`) with a client built from `options`,
+    /// signing every request when there is a `signer`.
     pub async fn start(
         upstream: &str,
-        signing: Signing,
-        credentials: AwsCredentialProvider,
+        options: ClientOptions,
+        signer: Option<Signer>,
     ) -> Result<Forwarder, String> {
         crate::tls::provider();
-        let options = ClientOptions::new().with_allow_http(upstream.starts_with("http://"));
+        let options = options.with_allow_http(upstream.starts_with("http://"));
         let client = ReqwestConnector::default()
             .connect(&options)
             .map_err(|e| format!("HTTP client for {upstream}: {e}"))?;
         let listener = tokio::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
             .await
-            .map_err(|e| format!("loopback listener for SigV4 signing: {e}"))?;
+            .map_err(|e| format!("loopback listener for the catalog's requests: {e}"))?;
         let local_uri = format!(
             "http://{}",
             listener.local_addr().map_err(|e| e.to_string())?
         );
         let upstream = std::sync::Arc::new(Upstream {
             base: upstream.trim_end_matches('/').to_string(),
-            signing,
-            credentials,
+            signer,
             client,
         });
         let stop = CancellationToken::new();
@@ -81,7 +88,7 @@ async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
-                    tracing::warn!(error = %e, "SigV4 forwarder: accept failed");
+                    tracing::warn!(error = %e, "REST catalog forwarder: accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
@@ -128,18 +135,22 @@ impl Upstream {
             .body(body.into())
             .map_err(|e| format!("request to {}: {e}", self.base))?;
         for (name, value) in &parts.headers {
-            if !is_hop_by_hop(name) {
+            // A signed request carries the signature, not the client's token.
+            let replaced = self.signer.is_some() && name == AUTHORIZATION;
+            if !is_hop_by_hop(name) && !replaced {
                 request.headers_mut().append(name, value.clone());
             }
         }
-        let credential = self
-            .credentials
-            .get_credential()
-            .await
-            .map_err(|e| format!("AWS credentials for SigV4: {e}"))?;
-        AwsAuthorizer::new(&credential, &self.signing.name, &self.signing.region)
-            .try_authorize(&mut request, None)
-            .map_err(|e| format!("SigV4 signing: {e}"))?;
+        if let Some(signer) = &self.signer {
+            let credential = signer
+                .credentials
+                .get_credential()
+                .await
+                .map_err(|e| format!("AWS credentials for SigV4: {e}"))?;
+            AwsAuthorizer::new(&credential, &signer.signing.name, &signer.signing.region)
+                .try_authorize(&mut request, None)
+                .map_err(|e| format!("SigV4 signing: {e}"))?;
+        }
         let response = self
             .client
             .execute(request)
@@ -161,12 +172,11 @@ impl Upstream {
     }
 }
 
-/// Headers that belong to one connection, or that the signer and client set.
+/// Headers that belong to one connection, or that the client sets.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     name == HOST
         || name == CONNECTION
         || name == TRANSFER_ENCODING
         || name == hyper::header::CONTENT_LENGTH
-        || name == hyper::header::AUTHORIZATION
         || name.as_str() == "keep-alive"
 }
