@@ -3,12 +3,13 @@
 # target/dist/TARGET/silt, with its debug info (line tables) in silt.debug beside
 # it (.gnu_debuglink: gdb, perf and Rust backtraces find it there):
 #
-#     dist/build.sh TARGET [--dev]
+#     dist/build.sh TARGET [--smoke]
 #
 #   TARGET  x86_64-unknown-linux-gnu       (Debian arch amd64)
 #           aarch64-unknown-linux-gnu      (arm64: Raspberry Pi 3/4/5, Jetson, ...)
 #           armv7-unknown-linux-gnueabihf  (armhf: 32-bit Raspberry Pi OS, ...)
-#   --dev   the dev profile instead of release (faster to compile; CI smoke tests)
+#   --smoke the smoke profile instead of release: fastest to compile, slow to
+#           run, not packaged (what CI runs under qemu)
 #
 # Toolchain, first that works:
 #   1. TARGET is the host: plain `cargo build` (rustup's cargo), target/{release,debug}.
@@ -27,7 +28,8 @@
 # Pulley interpreter there (chosen by wasmtime's build script for hosts
 # Cranelift cannot target; plugins run slower than native code).
 #
-# Afterwards, if dist/deb.sh exists: dist/deb.sh BINARY DEBIAN_ARCH target/dist/TARGET.
+# Afterwards, for release builds, if dist/deb.sh exists:
+# dist/deb.sh BINARY DEBIAN_ARCH target/dist/TARGET.
 # Prints the path of the binary on stdout.
 set -euo pipefail
 # One { } group, read whole before it runs: editing this file meanwhile is safe.
@@ -40,7 +42,7 @@ target=""
 profile=release
 for arg in "$@"; do
     case "$arg" in
-    --dev) profile=dev ;;
+    --smoke) profile=smoke ;;
     -h | --help)
         awk 'NR > 1 && !/^#/ { exit } NR > 1' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
         exit 0
@@ -59,7 +61,7 @@ for arg in "$@"; do
     esac
 done
 [[ -n "$target" ]] || {
-    echo "usage: dist/build.sh TARGET [--dev]   (try --help)" >&2
+    echo "usage: dist/build.sh TARGET [--smoke]   (try --help)" >&2
     exit 2
 }
 
@@ -83,8 +85,6 @@ armv7-unknown-linux-gnueabihf)
 *) die "unsupported target '$target' (x86_64-unknown-linux-gnu, aarch64-unknown-linux-gnu, armv7-unknown-linux-gnueabihf)" ;;
 esac
 
-# cargo's directory name for the profile.
-profile_dir=$([[ $profile == dev ]] && echo debug || echo release)
 out_dir="$repo/target/dist/$target"
 
 source "$repo/dist/debian-pkgs.sh"
@@ -104,13 +104,12 @@ cross_env() {
 }
 
 start=$SECONDS
-cargo_args=(build -p silt-agent --bin silt --locked)
-[[ $profile == release ]] && cargo_args+=(--release)
+cargo_args=(build -p silt-agent --bin silt --locked --profile "$profile")
 
 if [[ "$target" == "$(host_triple)" ]]; then
     log "toolchain: $(rustc --version) (host), profile $profile"
     cargo "${cargo_args[@]}"
-    built="${CARGO_TARGET_DIR:-$repo/target}/$profile_dir/silt"
+    built="${CARGO_TARGET_DIR:-$repo/target}/$profile/silt"
 else
     ensure_debian_pkgs "${cross_pkgs[@]}"
     command -v "$gnu-gcc" >/dev/null || die "$gnu-gcc not found after installing ${cross_pkgs[*]}"
@@ -120,7 +119,7 @@ else
         log "toolchain: $(rustc --version) with rustup's $target, profile $profile"
         env "${cross_vars[@]}" \
             cargo "${cargo_args[@]}" --target "$target" --target-dir "$cross_dir/rustup"
-        built="$cross_dir/rustup/$target/$profile_dir/silt"
+        built="$cross_dir/rustup/$target/$profile/silt"
     else
         ensure_debian_pkgs rustc-web cargo-web rust-web-src
         [[ -d /usr/lib/rustlib/src/rust/library ]] || die "rust-web-src is installed but /usr/lib/rustlib/src/rust/library is missing"
@@ -133,7 +132,7 @@ else
             RUSTC_BOOTSTRAP=1 \
             /usr/bin/cargo "${cargo_args[@]}" --target "$target" --target-dir "$cross_dir" \
             -Zbuild-std=std,panic_abort
-        built="$cross_dir/$target/$profile_dir/silt"
+        built="$cross_dir/$target/$profile/silt"
     fi
 fi
 
@@ -158,10 +157,11 @@ trap 'rm -f "$tmp_bin" "$tmp_dbg"' EXIT
     "$objcopy" --strip-all --add-gnu-debuglink=silt.debug "$built" "$(basename "$tmp_bin")"
 )
 mv -f "$tmp_bin" "$out_dir/silt"
-log "built $out_dir/silt ($profile, $(stat -c %s "$out_dir/silt") bytes stripped; $(stat -c %s "$built") with debug info, which is in silt.debug) in $((SECONDS - start)) s"
+log "built $out_dir/silt ($profile, $(stat -c %s "$out_dir/silt") bytes stripped; $(stat -c %s "$built") as built, debug info in silt.debug) in $((SECONDS - start)) s"
 
-# Debian package step (dist/deb.sh, when present).
-if [[ -f "$repo/dist/deb.sh" ]]; then
+# Debian package step (dist/deb.sh, when present); a smoke build is for
+# testing only.
+if [[ $profile == release && -f "$repo/dist/deb.sh" ]]; then
     log "packaging: dist/deb.sh target/dist/$target/silt $deb_arch target/dist/$target"
     bash dist/deb.sh "target/dist/$target/silt" "$deb_arch" "target/dist/$target"
 fi
