@@ -15,24 +15,14 @@
 //!   from the compile cache, link, instantiate, `init`) with an empty cache
 //!   directory versus one holding the compiled component.
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use silt::event::Event;
 use silt::plugin::{Plugin, PluginEngine, PluginLimits};
+use support::wasm;
 
-fn wasm(name: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../plugins/target/wasm")
-        .join(format!("{name}.wasm"));
-    assert!(
-        path.exists(),
-        "{} is missing: run plugins/build.sh first",
-        path.display()
-    );
-    path
-}
+mod support;
 
 fn batch(n: usize) -> Vec<Event> {
     (0..n)

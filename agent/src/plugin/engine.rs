@@ -46,14 +46,23 @@ impl PluginEngine {
     /// Create the engines and start the epoch ticker. `cache_dir` is created
     /// if missing; it should be private to the agent (see the module docs).
     pub fn new(cache_dir: &Path) -> Result<Self, PluginError> {
+        Self::for_target(cache_dir, None)
+    }
+
+    /// [`PluginEngine::new`] for code of another target than the host's
+    /// default: `pulley64` runs plugins on wasmtime's Pulley interpreter
+    /// (with the `pulley` feature), which is what armv7 devices get because
+    /// Cranelift has no 32-bit ARM backend; `benches/plugin_engines.rs`
+    /// measures that against native code on one host.
+    pub fn for_target(cache_dir: &Path, target: Option<&str>) -> Result<Self, PluginError> {
         fs::create_dir_all(cache_dir).map_err(|e| PluginError::Engine {
             message: format!(
                 "cannot create compile cache directory {}: {e}; check permissions or choose another data_dir",
                 cache_dir.display()
             ),
         })?;
-        let plain = build_engine(false)?;
-        let fueled = build_engine(true)?;
+        let plain = build_engine(false, target)?;
+        let fueled = build_engine(true, target)?;
         let stop_ticker = Arc::new(AtomicBool::new(false));
         let (stop, engines) = (stop_ticker.clone(), [plain.clone(), fueled.clone()]);
         thread::Builder::new()
@@ -133,13 +142,17 @@ impl PluginEngine {
     }
 }
 
-fn build_engine(fuel: bool) -> Result<Engine, PluginError> {
+fn build_engine(fuel: bool, target: Option<&str>) -> Result<Engine, PluginError> {
+    let engine_err = |e: wasmtime::Error| PluginError::Engine {
+        message: format!("cannot create wasmtime engine: {e:#}"),
+    };
     let mut config = Config::new();
     config.epoch_interruption(true);
     config.consume_fuel(fuel);
-    Engine::new(&config).map_err(|e| PluginError::Engine {
-        message: format!("cannot create wasmtime engine: {e:#}"),
-    })
+    if let Some(target) = target {
+        config.target(target).map_err(engine_err)?;
+    }
+    Engine::new(&config).map_err(engine_err)
 }
 
 /// Content-addressed: a rebuilt plugin gets a new entry, and a wasmtime
