@@ -62,6 +62,19 @@ fn payloads(events: &[Event]) -> Vec<Value> {
 }
 
 #[test]
+fn an_unknown_target_is_an_engine_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = PluginEngine::for_target(dir.path(), Some("no-such-arch-triple"))
+        .err()
+        .expect("an unknown target must be refused");
+    assert!(matches!(err, PluginError::Engine { .. }), "{err}");
+    assert!(
+        err.to_string().contains("cannot create wasmtime engine"),
+        "{err}"
+    );
+}
+
+#[test]
 fn identity_round_trips_every_field() {
     let Some(p) = load("identity", json!({}), PluginLimits::default()) else {
         return;
